@@ -1,0 +1,274 @@
+//! Phase 3: ask the peers one at a time for a file until one delivers it
+//! whole and verified. A transfer that breaks resumes from the next peer that
+//! has the same content (same size and hash), at the byte where it stopped.
+
+use std::{
+    io::{self, Read},
+    time::Duration,
+};
+
+use protocol::{
+    peer::{FileHeader, Request, Response},
+    ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
+};
+
+use crate::net;
+
+/// Read buffer for content: big enough that hashing and writing work on
+/// large slices, allocated once per fetch.
+const CHUNK: usize = 1 << 20;
+
+/// Where fetched bytes go.
+pub trait Sink {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Throws away everything written so far, so that the fetch can start
+    /// over with other content; false where that is impossible (stdout).
+    fn restart(&mut self) -> io::Result<bool>;
+}
+
+/// Hooks for progress display; the default does nothing.
+pub trait Progress {
+    fn start(&mut self, _size: u64, _already: u64) {}
+    fn advance(&mut self, _bytes: u64) {}
+    fn finish(&mut self) {}
+}
+
+impl Progress for () {}
+
+/// A successful fetch.
+#[derive(Debug)]
+pub struct Fetched {
+    pub peer: PeerAddr,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no live peers to ask for {0:?}")]
+    NoPeers(String),
+    #[error("{name:?} not found on any of {asked} peers{}", unreachable_note(*.unreachable))]
+    NotFound {
+        name: String,
+        asked: usize,
+        unreachable: usize,
+    },
+    #[error("cannot fetch {name:?}: {reason}")]
+    Failed { name: String, reason: String },
+    #[error("cannot write {name:?}: {source}")]
+    Output { name: String, source: io::Error },
+}
+
+fn unreachable_note(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(" ({n} of them could not be asked)"),
+    }
+}
+
+impl FetchError {
+    /// True when the file simply is not there, as opposed to a failure.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, FetchError::NotFound { .. } | FetchError::NoPeers(_))
+    }
+}
+
+/// What has arrived so far, carried from one peer to the next.
+struct Partial {
+    size: u64,
+    hash: ContentHash,
+    received: u64,
+    hasher: blake3::Hasher,
+}
+
+impl Partial {
+    fn new(header: FileHeader) -> Self {
+        Partial {
+            size: header.size,
+            hash: header.hash,
+            received: 0,
+            hasher: blake3::Hasher::new(),
+        }
+    }
+}
+
+/// How one attempt at one peer ended.
+enum Attempt {
+    Done(Fetched),
+    /// The peer does not have the file.
+    Missing,
+    /// The peer could not be asked, or refused; `why` says which.
+    Skipped(String),
+    /// The peer has the file but did not deliver all of it.
+    Broke(String),
+    /// The peer has other content under that name than what already arrived.
+    OtherVersion,
+}
+
+pub struct Fetcher<'a> {
+    pub timeout: Duration,
+    /// Called with one line for every peer skipped and why.
+    pub note: &'a mut dyn FnMut(&str),
+    pub progress: &'a mut dyn Progress,
+}
+
+impl Fetcher<'_> {
+    pub fn fetch(
+        &mut self,
+        peers: &[PeerAddr],
+        name: &FileName,
+        sink: &mut dyn Sink,
+    ) -> Result<Fetched, FetchError> {
+        if peers.is_empty() {
+            return Err(FetchError::NoPeers(name.to_string()));
+        }
+        let mut partial: Option<Partial> = None;
+        let mut buf = vec![0; CHUNK];
+        let (mut missing, mut skipped, mut offered) = (0, Vec::new(), false);
+        for &peer in peers {
+            let mut retried = false;
+            loop {
+                let attempt = self.attempt(peer, name, &mut partial, sink, &mut buf)?;
+                offered |= matches!(attempt, Attempt::Broke(_) | Attempt::OtherVersion);
+                match attempt {
+                    Attempt::Done(fetched) => {
+                        self.progress.finish();
+                        return Ok(fetched);
+                    }
+                    Attempt::Missing => missing += 1,
+                    Attempt::Skipped(why) | Attempt::Broke(why) => {
+                        (self.note)(&format!("peer {peer}: {why}"));
+                        skipped.push(format!("{peer}: {why}"));
+                    }
+                    Attempt::OtherVersion if !retried && restart(sink, name)? => {
+                        (self.note)(&format!(
+                            "peer {peer}: has another version of {name:?}; starting over from it"
+                        ));
+                        partial = None;
+                        retried = true;
+                        continue;
+                    }
+                    Attempt::OtherVersion => {
+                        (self.note)(&format!(
+                            "peer {peer}: has another version of {name:?}; skipped"
+                        ));
+                        skipped.push(format!("{peer}: another version"));
+                    }
+                }
+                break;
+            }
+        }
+        self.progress.finish();
+        if !offered && missing > 0 {
+            // Nobody that answered had it.
+            return Err(FetchError::NotFound {
+                name: name.to_string(),
+                asked: peers.len(),
+                unreachable: skipped.len(),
+            });
+        }
+        let reason = match &partial {
+            Some(p) if p.received > 0 => format!(
+                "transfer stopped at {} of {} bytes and no other peer could finish it ({})",
+                p.received,
+                p.size,
+                skipped.join("; ")
+            ),
+            _ => format!("no peer could serve it ({})", skipped.join("; ")),
+        };
+        Err(FetchError::Failed {
+            name: name.to_string(),
+            reason,
+        })
+    }
+
+    fn attempt(
+        &mut self,
+        peer: PeerAddr,
+        name: &FileName,
+        partial: &mut Option<Partial>,
+        sink: &mut dyn Sink,
+        buf: &mut [u8],
+    ) -> Result<Attempt, FetchError> {
+        let offset = partial.as_ref().map_or(0, |p| p.received);
+        let stream = match net::connect(peer.socket_addr(), self.timeout) {
+            Ok(stream) => stream,
+            Err(e) => return Ok(Attempt::Skipped(net::describe(&e))),
+        };
+        let request = Request::Get {
+            name: name.clone(),
+            offset,
+        };
+        let mut reader = match net::send(&stream, |w| request.write_to(w)) {
+            Ok(reader) => reader,
+            Err(e) => return Ok(Attempt::Skipped(net::describe(&e))),
+        };
+        let header = match Response::read_from(&mut reader) {
+            Ok(Response::File(header)) => header,
+            Ok(Response::Error(e)) if e.code == ErrorCode::NotFound => return Ok(Attempt::Missing),
+            Ok(Response::Error(e)) => return Ok(Attempt::Skipped(format!("refused: {e}"))),
+            Ok(other) => return Ok(Attempt::Skipped(format!("unexpected reply {other:?}"))),
+            Err(ProtocolError::Io(e)) => return Ok(Attempt::Skipped(net::describe(&e))),
+            Err(e) => return Ok(Attempt::Skipped(format!("bad reply: {e}"))),
+        };
+        let p = match partial {
+            Some(p) if (p.size, p.hash) != (header.size, header.hash) => {
+                if p.received > 0 {
+                    return Ok(Attempt::OtherVersion);
+                }
+                partial.insert(Partial::new(header))
+            }
+            Some(p) => p,
+            None => partial.insert(Partial::new(header)),
+        };
+        self.progress.start(p.size, p.received);
+        while p.received < p.size {
+            let want = (p.size - p.received).min(buf.len() as u64) as usize;
+            let n = match reader.read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Ok(Attempt::Broke(format!(
+                        "connection closed at {} of {} bytes",
+                        p.received, p.size
+                    )))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Ok(Attempt::Broke(format!(
+                        "transfer broke at {} of {} bytes: {}",
+                        p.received,
+                        p.size,
+                        net::describe(&e)
+                    )))
+                }
+            };
+            p.hasher.update(&buf[..n]);
+            sink.write_all(&buf[..n])
+                .map_err(|source| FetchError::Output {
+                    name: name.to_string(),
+                    source,
+                })?;
+            p.received += n as u64;
+            self.progress.advance(n as u64);
+        }
+        if p.hasher.finalize() != p.hash {
+            // Which part was bad cannot be known: start over, or give up.
+            *partial = None;
+            let why = "content does not match its hash";
+            if restart(sink, name)? {
+                return Ok(Attempt::Broke(format!("{why}; discarded")));
+            }
+            return Err(FetchError::Failed {
+                name: name.to_string(),
+                reason: format!("{why} (peer {peer})"),
+            });
+        }
+        Ok(Attempt::Done(Fetched { peer, size: p.size }))
+    }
+}
+
+fn restart(sink: &mut dyn Sink, name: &FileName) -> Result<bool, FetchError> {
+    sink.restart().map_err(|source| FetchError::Output {
+        name: name.to_string(),
+        source,
+    })
+}

@@ -1,0 +1,63 @@
+//! `ls`: what the live peers hold, merged by name.
+
+use std::collections::BTreeMap;
+
+use protocol::{
+    peer::{FileEntry, Request, Response},
+    FileName, PeerAddr, ProtocolError,
+};
+
+use crate::{discover::Relay, net, Failure};
+
+/// One file name across peers.
+pub struct Listed {
+    pub name: FileName,
+    pub size: u64,
+    pub peers: usize,
+}
+
+/// Asks every live peer for its list; peers that fail are reported, not fatal.
+pub fn collect(
+    relay: &Relay,
+    pattern: Option<&str>,
+    note: &mut dyn FnMut(&str),
+) -> Result<Vec<Listed>, Failure> {
+    let mut merged: BTreeMap<FileName, (u64, usize)> = BTreeMap::new();
+    for peer in relay.peers()? {
+        match list_peer(peer, relay) {
+            Ok(entries) => {
+                for FileEntry { size, name } in entries {
+                    if pattern.is_some_and(|p| !name.as_str().contains(p)) {
+                        continue;
+                    }
+                    merged.entry(name).or_insert((size, 0)).1 += 1;
+                }
+            }
+            Err(why) => note(&format!("peer {peer}: {why}")),
+        }
+    }
+    Ok(merged
+        .into_iter()
+        .map(|(name, (size, peers))| Listed { name, size, peers })
+        .collect())
+}
+
+pub fn run(relay: &Relay, pattern: Option<&str>) -> Result<(), Failure> {
+    for file in collect(relay, pattern, &mut |line| eprintln!("{line}"))? {
+        println!("{:>12} {:>3} {}", file.size, file.peers, file.name);
+    }
+    Ok(())
+}
+
+fn list_peer(peer: PeerAddr, relay: &Relay) -> Result<Vec<FileEntry>, String> {
+    let stream = net::connect(peer.socket_addr(), relay.timeout).map_err(|e| net::describe(&e))?;
+    let mut reply =
+        net::send(&stream, |w| Request::List.write_to(w)).map_err(|e| net::describe(&e))?;
+    match Response::read_from(&mut reply) {
+        Ok(Response::Files(entries)) => Ok(entries),
+        Ok(Response::Error(e)) => Err(format!("refused: {e}")),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(ProtocolError::Io(e)) => Err(net::describe(&e)),
+        Err(e) => Err(format!("bad reply: {e}")),
+    }
+}

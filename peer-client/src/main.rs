@@ -1,0 +1,184 @@
+//! `peer-client`: finds the live peers of a relay-p2p network through its
+//! relay and fetches files from them. See PROTOCOL.md.
+#![forbid(unsafe_code)]
+
+mod discover;
+mod fetch;
+mod interactive;
+mod listing;
+mod net;
+mod save;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use protocol::FileName;
+
+use crate::{
+    discover::{Relay, RelayError},
+    fetch::{FetchError, Fetcher},
+    save::{FileSink, StdoutSink},
+};
+
+/// Client of a relay-p2p network: asks the relay who is live, then fetches
+/// files from those peers. Without a command it asks for file names interactively.
+#[derive(Parser)]
+#[command(version, about, after_help = EXIT_CODES)]
+struct Args {
+    /// Host name or IP address of the relay
+    #[arg(env = "PEER_CLIENT_RELAY_HOST")]
+    host: String,
+    /// TCP port of the relay
+    #[arg(env = "PEER_CLIENT_RELAY_PORT")]
+    port: u16,
+    /// Seconds to wait for a connection, and for each read, before giving up on a peer
+    #[arg(long, env = "PEER_CLIENT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
+    /// More log output; RUST_LOG overrides
+    #[arg(short, long)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 file not found on any peer, 2 usage error, \
+3 network error (relay or peers unreachable, transfer failed), 4 local error (cannot write the output)";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch one file: its exact bytes to stdout, or into a file with -o
+    Get {
+        /// Name of the file, relative to the peers' folders
+        #[arg(value_parser = parse_name)]
+        name: FileName,
+        /// Save to this path instead (a folder keeps the file's name); the
+        /// file appears only once complete and verified
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Print the live peers, one IP:PORT per line
+    Peers,
+    /// List the files on all live peers: size, number of peers, name
+    Ls {
+        /// Only names containing this text
+        pattern: Option<String>,
+    },
+    /// Print the relay's counters
+    Stats,
+}
+
+fn parse_name(s: &str) -> Result<FileName, String> {
+    FileName::new(s).map_err(|e| e.to_string())
+}
+
+/// Why a command failed, and the exit code that says so.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Network(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::NotFound(_) => 1,
+            Failure::Network(_) => 3,
+            Failure::Local(_) => 4,
+        }
+    }
+}
+
+impl From<RelayError> for Failure {
+    fn from(e: RelayError) -> Self {
+        Failure::Network(e.to_string())
+    }
+}
+
+impl From<FetchError> for Failure {
+    fn from(e: FetchError) -> Self {
+        match e {
+            e if e.is_not_found() => Failure::NotFound(e.to_string()),
+            e @ FetchError::Output { .. } => Failure::Local(e.to_string()),
+            e => Failure::Network(e.to_string()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let level = if args.verbose {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Warn
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("RUST_LOG")
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peer-client: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Failure> {
+    save::clean_up_on_interrupt().map_err(|e| Failure::Local(format!("{e:#}")))?;
+    let relay = Relay {
+        host: args.host,
+        port: args.port,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    match args.command {
+        None => interactive::run(&relay),
+        Some(Command::Get { name, output }) => get(&relay, &name, output),
+        Some(Command::Peers) => {
+            for peer in relay.peers()? {
+                println!("{peer}");
+            }
+            Ok(())
+        }
+        Some(Command::Ls { pattern }) => listing::run(&relay, pattern.as_deref()),
+        Some(Command::Stats) => {
+            for (key, value) in relay.stats()? {
+                println!("{key} {value}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn get(relay: &Relay, name: &FileName, output: Option<PathBuf>) -> Result<(), Failure> {
+    let peers = relay.peers()?;
+    let mut fetcher = Fetcher {
+        timeout: relay.timeout,
+        note: &mut |line| eprintln!("{line}"),
+        progress: &mut (),
+    };
+    match output {
+        None => {
+            fetcher.fetch(&peers, name, &mut StdoutSink::new())?;
+        }
+        Some(path) => {
+            let mut sink =
+                FileSink::create(&path, name).map_err(|e| Failure::Local(format!("{e:#}")))?;
+            let fetched = fetcher.fetch(&peers, name, &mut sink)?;
+            let dest = sink
+                .commit()
+                .map_err(|e| Failure::Local(format!("{e:#}")))?;
+            eprintln!(
+                "saved {} ({} bytes, from {})",
+                dest.display(),
+                fetched.size,
+                fetched.peer
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+use std::{fmt, io, str::FromStr};
+
+/// Everything that can go wrong while reading or parsing a message.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("line longer than {limit} bytes")]
+    LineTooLong { limit: usize },
+    #[error("connection closed in the middle of a line")]
+    TruncatedLine,
+    #[error("connection closed before a reply")]
+    Closed,
+    #[error("line is not valid UTF-8")]
+    NotUtf8,
+    #[error("empty request")]
+    EmptyRequest,
+    #[error("unsupported protocol version {0:?} (requests start with {v})", v = crate::VERSION)]
+    Version(String),
+    #[error("unknown command {0:?}")]
+    UnknownCommand(String),
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("unexpected argument {0:?}")]
+    Unexpected(String),
+    #[error("invalid {what} {value:?}")]
+    Invalid { what: &'static str, value: String },
+    #[error("invalid file name {name:?}: {reason}")]
+    BadName { name: String, reason: &'static str },
+    #[error("list of {count} entries is longer than the limit of {limit}")]
+    TooMany { count: usize, limit: usize },
+    #[error("unexpected reply {0:?}")]
+    UnexpectedReply(String),
+}
+
+impl ProtocolError {
+    pub(crate) fn invalid(what: &'static str, value: &str) -> Self {
+        ProtocolError::Invalid {
+            what,
+            value: value.to_string(),
+        }
+    }
+
+    /// The code a server answers with when a request fails this way.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::Io(e) if is_timeout(e) => ErrorCode::Timeout,
+            ProtocolError::Io(_) => ErrorCode::Internal,
+            ProtocolError::LineTooLong { .. } => ErrorCode::TooLong,
+            ProtocolError::Version(_) => ErrorCode::Version,
+            ProtocolError::BadName { .. } => ErrorCode::Forbidden,
+            _ => ErrorCode::BadRequest,
+        }
+    }
+
+    /// True when the underlying socket read or write timed out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ProtocolError::Io(e) if is_timeout(e))
+    }
+}
+
+/// A socket timeout shows up as `WouldBlock` on Unix and `TimedOut` on Windows.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// The machine-readable part of an `ERR` reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    TooLong,
+    Version,
+    NotFound,
+    Forbidden,
+    Busy,
+    Timeout,
+    Internal,
+    /// A code this version does not know; kept so newer servers stay readable.
+    Other(String),
+}
+
+impl ErrorCode {
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorCode::BadRequest => "bad-request",
+            ErrorCode::TooLong => "too-long",
+            ErrorCode::Version => "version",
+            ErrorCode::NotFound => "not-found",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Other(code) => code,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ErrorCode {
+    type Err = ProtocolError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "bad-request" => ErrorCode::BadRequest,
+            "too-long" => ErrorCode::TooLong,
+            "version" => ErrorCode::Version,
+            "not-found" => ErrorCode::NotFound,
+            "forbidden" => ErrorCode::Forbidden,
+            "busy" => ErrorCode::Busy,
+            "timeout" => ErrorCode::Timeout,
+            "internal" => ErrorCode::Internal,
+            other if is_token(other) => ErrorCode::Other(other.to_string()),
+            other => return Err(ProtocolError::invalid("error code", other)),
+        })
+    }
+}
+
+/// True for a non-empty word of printable ASCII without spaces.
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// An `ERR <code> <message>` reply: the request failed and the connection ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl fmt::Display) -> Self {
+        // The message travels on one line: fold anything that would break it.
+        let message = message
+            .to_string()
+            .split(|c: char| c.is_control())
+            .filter(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+            .trim()
+            .to_string();
+        ErrorReply { code, message }
+    }
+
+    pub(crate) fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
+        use io::Write;
+        if self.message.is_empty() {
+            writeln!(w, "ERR {}", self.code)
+        } else {
+            writeln!(w, "ERR {} {}", self.code, self.message)
+        }
+    }
+
+    /// Parses what follows `ERR ` on a reply line.
+    pub(crate) fn parse(rest: &str) -> Result<Self, ProtocolError> {
+        let (code, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        Ok(ErrorReply::new(code.parse()?, message))
+    }
+}
+
+impl From<&ProtocolError> for ErrorReply {
+    fn from(e: &ProtocolError) -> Self {
+        ErrorReply::new(e.code(), e)
+    }
+}
+
+impl fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ErrorReply {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_is_folded_onto_one_line() {
+        let e = ErrorReply::new(ErrorCode::Internal, "a\nb\r\n c\t");
+        assert_eq!(e.message, "a b  c");
+    }
+
+    #[test]
+    fn every_code_round_trips() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::TooLong,
+            ErrorCode::Version,
+            ErrorCode::NotFound,
+            ErrorCode::Forbidden,
+            ErrorCode::Busy,
+            ErrorCode::Timeout,
+            ErrorCode::Internal,
+            ErrorCode::Other("slow-down".into()),
+        ] {
+            assert_eq!(code.as_str().parse::<ErrorCode>().unwrap(), code);
+        }
+        assert!("".parse::<ErrorCode>().is_err());
+    }
+
+    #[test]
+    fn timeouts_of_both_platforms_are_recognised() {
+        assert!(is_timeout(&io::ErrorKind::WouldBlock.into()));
+        assert!(is_timeout(&io::ErrorKind::TimedOut.into()));
+        assert!(!is_timeout(&io::ErrorKind::ConnectionReset.into()));
+    }
+}

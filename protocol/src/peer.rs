@@ -1,0 +1,306 @@
+//! The conversation between a client and a peer: fetch one file (from a byte
+//! offset, so that a broken transfer can resume elsewhere), or list them all.
+
+use std::io::{self, BufRead, Write};
+
+use crate::{
+    parse_num, read_items, read_line, read_reply_line, split_request, ContentHash, ErrorReply,
+    FileName, ProtocolError, MAX_LINE, VERSION,
+};
+
+/// The most entries a `FILES` reply may carry; peers list no more than this.
+pub const MAX_FILES: usize = 10_000;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// "Send me `name`, starting at byte `offset`."
+    Get { name: FileName, offset: u64 },
+    /// "Which files do you have?"
+    List,
+}
+
+impl Request {
+    pub fn parse(line: &str) -> Result<Self, ProtocolError> {
+        let (verb, mut args) = split_request(line)?;
+        let request = match verb.to_ascii_uppercase().as_str() {
+            "GET" => {
+                let name = FileName::decode(args.required("file name")?)?;
+                let offset = match args.optional() {
+                    Some(offset) => parse_num("offset", offset)?,
+                    None => 0,
+                };
+                Request::Get { name, offset }
+            }
+            "LIST" => Request::List,
+            _ => return Err(ProtocolError::UnknownCommand(verb.to_string())),
+        };
+        args.finish()?;
+        Ok(request)
+    }
+
+    /// Reads one request; `Ok(None)` if the caller closed without sending one.
+    pub fn read_from<R: BufRead + ?Sized>(r: &mut R) -> Result<Option<Self>, ProtocolError> {
+        match read_line(r, MAX_LINE)? {
+            Some(line) => Request::parse(&line).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes the message with a single `write_all`, so that it leaves in
+    /// as few packets as possible.
+    pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(64);
+        self.encode(&mut buf)?;
+        w.write_all(&buf)
+    }
+
+    fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            Request::Get { name, offset: 0 } => writeln!(w, "{VERSION} GET {}", name.encode()),
+            Request::Get { name, offset } => {
+                writeln!(w, "{VERSION} GET {} {offset}", name.encode())
+            }
+            Request::List => writeln!(w, "{VERSION} LIST"),
+        }
+    }
+}
+
+/// The header of a file reply. Exactly `size - offset` bytes of content
+/// follow it, where `offset` is the one the request asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileHeader {
+    /// The whole file's length in bytes, whatever the offset.
+    pub size: u64,
+    /// BLAKE3 of the whole file, so a client can verify and resume.
+    pub hash: ContentHash,
+}
+
+/// One line of a `FILES` reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    pub size: u64,
+    pub name: FileName,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    File(FileHeader),
+    Files(Vec<FileEntry>),
+    Error(ErrorReply),
+}
+
+impl Response {
+    /// Reads a reply. After `File`, the content is the next bytes in `r`.
+    pub fn read_from<R: BufRead + ?Sized>(r: &mut R) -> Result<Self, ProtocolError> {
+        let line = read_reply_line(r)?;
+        let (word, rest) = line.split_once(' ').unwrap_or((&line, ""));
+        Ok(match word {
+            "FILE" => {
+                let (size, hash) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| ProtocolError::invalid("file header", &line))?;
+                Response::File(FileHeader {
+                    size: parse_num("size", size)?,
+                    hash: ContentHash::from_hex(hash)
+                        .map_err(|_| ProtocolError::invalid("hash", hash))?,
+                })
+            }
+            "FILES" => Response::Files(read_items(r, rest, MAX_FILES, parse_entry)?),
+            "ERR" => Response::Error(ErrorReply::parse(rest)?),
+            _ => return Err(ProtocolError::UnexpectedReply(line)),
+        })
+    }
+
+    /// Writes the reply with a single `write_all`, so that it leaves in as
+    /// few packets as possible; for `File` only the header (the caller
+    /// streams the content).
+    pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(128);
+        self.encode(&mut buf)?;
+        w.write_all(&buf)
+    }
+
+    fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            Response::File(header) => writeln!(w, "FILE {} {}", header.size, header.hash),
+            Response::Files(entries) => {
+                writeln!(w, "FILES {}", entries.len())?;
+                for entry in entries {
+                    writeln!(w, "{} {}", entry.size, entry.name.encode())?;
+                }
+                Ok(())
+            }
+            Response::Error(e) => e.encode(w),
+        }
+    }
+}
+
+impl From<ErrorReply> for Response {
+    fn from(reply: ErrorReply) -> Self {
+        Response::Error(reply)
+    }
+}
+
+fn parse_entry(line: &str) -> Result<FileEntry, ProtocolError> {
+    let (size, name) = line
+        .split_once(' ')
+        .ok_or_else(|| ProtocolError::invalid("file entry", line))?;
+    Ok(FileEntry {
+        size: parse_num("size", size)?,
+        name: FileName::decode(name)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+    use proptest::prelude::*;
+    use std::io::{Cursor, Read};
+
+    fn name(s: &str) -> FileName {
+        FileName::new(s).unwrap()
+    }
+
+    fn round_trip_request(req: &Request) -> Request {
+        let mut buf = Vec::new();
+        req.write_to(&mut buf).unwrap();
+        Request::read_from(&mut Cursor::new(buf)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        for req in [
+            Request::Get {
+                name: name("notes.txt"),
+                offset: 0,
+            },
+            Request::Get {
+                name: name("a b/ü 100%.bin"),
+                offset: u64::MAX,
+            },
+            Request::List,
+        ] {
+            assert_eq!(round_trip_request(&req), req);
+        }
+    }
+
+    #[test]
+    fn hostile_names_are_refused_as_forbidden() {
+        for line in [
+            "RP2P/1 GET ../x",
+            "RP2P/1 GET /etc/passwd",
+            "RP2P/1 GET a/../../x",
+            "RP2P/1 GET %2e%2e/x",
+            "RP2P/1 GET %2Fetc%2Fpasswd",
+        ] {
+            let err = Request::parse(line).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::Forbidden, "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        for (line, expect) in [
+            ("RP2P/1 GET", "missing file name"),
+            ("RP2P/1 GET a -1", "invalid offset \"-1\""),
+            ("RP2P/1 GET a 1 2", "unexpected argument \"2\""),
+            ("RP2P/1 GET %zz", "invalid escape in file name \"%zz\""),
+            ("RP2P/1 PUT a", "unknown command \"PUT\""),
+        ] {
+            assert_eq!(Request::parse(line).unwrap_err().to_string(), expect);
+        }
+    }
+
+    #[test]
+    fn file_reply_leaves_content_to_read() {
+        let hash = blake3::hash(b"abc");
+        let mut buf = Vec::new();
+        Response::File(FileHeader { size: 3, hash })
+            .write_to(&mut buf)
+            .unwrap();
+        buf.extend_from_slice(b"abc");
+        let mut r = Cursor::new(buf);
+        assert_eq!(
+            Response::read_from(&mut r).unwrap(),
+            Response::File(FileHeader { size: 3, hash })
+        );
+        let mut content = Vec::new();
+        r.read_to_end(&mut content).unwrap();
+        assert_eq!(content, b"abc");
+    }
+
+    #[test]
+    fn lists_and_errors_round_trip() {
+        for resp in [
+            Response::Files(vec![]),
+            Response::Files(vec![
+                FileEntry {
+                    size: 0,
+                    name: name("empty"),
+                },
+                FileEntry {
+                    size: 12,
+                    name: name("dir/with space.txt"),
+                },
+            ]),
+            Response::Error(ErrorReply::new(ErrorCode::NotFound, "no such file \"x\"")),
+        ] {
+            let mut buf = Vec::new();
+            resp.write_to(&mut buf).unwrap();
+            assert_eq!(Response::read_from(&mut Cursor::new(buf)).unwrap(), resp);
+        }
+    }
+
+    #[test]
+    fn bad_replies_are_errors() {
+        for input in [
+            &b"FILE 3\n"[..],
+            b"FILE x 00\n",
+            b"FILE 3 nothex\n",
+            b"FILES 1\n",
+            b"FILES 1\n3\n",
+            b"FILES 1\n3 ../x\n",
+            b"FILES 10001\n",
+            b"OK\n",
+        ] {
+            assert!(
+                Response::read_from(&mut Cursor::new(input)).is_err(),
+                "{input:?}"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn request_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Request::read_from(&mut Cursor::new(bytes));
+        }
+
+        #[test]
+        fn response_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Response::read_from(&mut Cursor::new(bytes));
+        }
+
+        #[test]
+        fn response_parser_never_panics_on_near_misses(line in "(FILE|FILES|ERR) [0-9a-f ]{0,70}\n[0-9a-z ./%]{0,30}\n") {
+            let _ = Response::read_from(&mut Cursor::new(line.into_bytes()));
+        }
+
+        #[test]
+        fn gets_round_trip(n in "[a-zA-Z0-9 %._-]{1,30}", offset in any::<u64>()) {
+            if let Ok(name) = FileName::new(&n) {
+                let req = Request::Get { name, offset };
+                prop_assert_eq!(round_trip_request(&req), req);
+            }
+        }
+
+        #[test]
+        fn headers_round_trip(size in any::<u64>(), bytes in any::<[u8; 32]>()) {
+            let resp = Response::File(FileHeader { size, hash: ContentHash::from_bytes(bytes) });
+            let mut buf = Vec::new();
+            resp.write_to(&mut buf).unwrap();
+            prop_assert_eq!(Response::read_from(&mut Cursor::new(buf)).unwrap(), resp);
+        }
+    }
+}

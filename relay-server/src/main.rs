@@ -1,0 +1,85 @@
+//! `relay-server`: keeps the list of live peers of a relay-p2p network and
+//! hands a sample of it to clients. See PROTOCOL.md for what it speaks.
+#![forbid(unsafe_code)]
+
+mod registry;
+mod serve;
+mod shutdown;
+
+use std::{io::Write, net::IpAddr, net::SocketAddr, process::ExitCode, time::Duration};
+
+use clap::Parser;
+
+/// Relay of a relay-p2p network: peers register here, clients ask here who is live.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// TCP port to listen on (0 picks a free one)
+    #[arg(env = "RELAY_PORT")]
+    port: u16,
+    /// Address to listen on
+    #[arg(long, env = "RELAY_BIND", default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// Forget a peer not heard from for this many seconds
+    #[arg(long, env = "RELAY_TTL", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    ttl: u64,
+    /// Most peers in one answer to a lookup (a random sample when more are live)
+    #[arg(long, env = "RELAY_MAX_PEERS_RETURNED", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=protocol::relay::MAX_PEERS as u64))]
+    max_peers_returned: u64,
+    /// Most peers held at once; registrations beyond it are refused as busy
+    #[arg(long, env = "RELAY_MAX_REGISTERED", default_value_t = 250_000)]
+    max_registered: usize,
+    /// Most connections served at once; more are answered `ERR busy`
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_connections: u64,
+    /// Close a connection that sends or accepts nothing for this many seconds
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    idle_timeout: u64,
+    /// More log output (debug); RUST_LOG overrides
+    #[arg(short, long, conflicts_with = "quiet")]
+    verbose: bool,
+    /// Less log output (warnings and errors only); RUST_LOG overrides
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.verbose, args.quiet);
+    let config = serve::Config {
+        bind: SocketAddr::new(args.bind, args.port),
+        ttl: Duration::from_secs(args.ttl),
+        max_registered: args.max_registered,
+        max_peers_returned: args.max_peers_returned as usize,
+        max_connections: args.max_connections as usize,
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        grace: Duration::from_secs(5),
+    };
+    match serve::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: bool, quiet: bool) {
+    let level = match (verbose, quiet) {
+        (true, _) => log::LevelFilter::Debug,
+        (_, true) => log::LevelFilter::Warn,
+        _ => log::LevelFilter::Info,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("RUST_LOG")
+        .init();
+}
+
+/// The bound address is the first line on stdout, so scripts and tests can
+/// use port 0 and still find the server.
+fn announce_address(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{addr}").and_then(|()| out.flush())?;
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! The accept loop and the handling of one connection: one request, one reply.
+
+use std::{
+    io::{BufReader, BufWriter, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use log::{debug, info, warn};
+use protocol::{
+    relay::{Request, Response},
+    ErrorCode, ErrorReply, PeerAddr, MAX_LINE,
+};
+
+use crate::{
+    registry::{Registered, Registry},
+    shutdown::Shutdown,
+};
+
+pub struct Config {
+    pub bind: SocketAddr,
+    pub ttl: Duration,
+    pub max_registered: usize,
+    pub max_peers_returned: usize,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub grace: Duration,
+}
+
+/// Everything a connection handler needs, shared by all of them.
+struct Relay {
+    registry: Registry,
+    max_peers_returned: usize,
+    idle_timeout: Duration,
+    started: Instant,
+    open: AtomicUsize,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    registrations: AtomicU64,
+    unregistrations: AtomicU64,
+    lookups: AtomicU64,
+    expired: AtomicU64,
+    bad_requests: AtomicU64,
+    busy_rejections: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Binds, prints the bound address as the first line of stdout, and serves
+/// until Ctrl-C or SIGTERM.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let listener =
+        TcpListener::bind(config.bind).with_context(|| format!("cannot bind {}", config.bind))?;
+    let local = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    crate::announce_address(local)?;
+    info!("relay listening on {local} (ttl {}s)", config.ttl.as_secs());
+
+    let shutdown = Shutdown::install(local)?;
+    let relay = Arc::new(Relay {
+        registry: Registry::new(config.ttl, config.max_registered),
+        max_peers_returned: config.max_peers_returned,
+        idle_timeout: config.idle_timeout,
+        started: Instant::now(),
+        open: AtomicUsize::new(0),
+        stats: Stats::default(),
+    });
+    let sweeper = {
+        let (relay, shutdown) = (Arc::clone(&relay), Arc::clone(&shutdown));
+        thread::Builder::new()
+            .name("sweeper".into())
+            .spawn(move || sweep(&relay, &shutdown))
+            .context("cannot start the expiry thread")?
+    };
+
+    for stream in listener.incoming() {
+        if shutdown.is_triggered() {
+            break;
+        }
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                warn!("cannot accept a connection: {e}");
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if relay.open.fetch_add(1, Ordering::SeqCst) >= config.max_connections {
+            relay.open.fetch_sub(1, Ordering::SeqCst);
+            bump(&relay.stats.busy_rejections);
+            reject_busy(stream, config.max_connections);
+            continue;
+        }
+        let handler = Arc::clone(&relay);
+        let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
+            handle(&handler, stream);
+            handler.open.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            relay.open.fetch_sub(1, Ordering::SeqCst);
+            warn!("cannot start a connection thread: {e}");
+        }
+    }
+
+    info!("shutting down");
+    let deadline = Instant::now() + config.grace;
+    while relay.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = sweeper.join();
+    info!("stopped");
+    Ok(())
+}
+
+/// Expires silent peers about once a second.
+fn sweep(relay: &Relay, shutdown: &Shutdown) {
+    while !shutdown.sleep(Duration::from_secs(1)) {
+        for peer in relay.registry.expire(Instant::now()) {
+            bump(&relay.stats.expired);
+            info!(
+                "expired {peer} (silent for more than {}s)",
+                relay.registry.ttl().as_secs()
+            );
+        }
+    }
+}
+
+/// Over the connection cap: say so, rather than leave the caller hanging.
+fn reject_busy(mut stream: TcpStream, max: usize) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let reply = ErrorReply::new(
+        ErrorCode::Busy,
+        format!("too many connections (limit {max})"),
+    );
+    let _ = Response::Error(reply).write_to(&mut stream);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // Read what already arrived so that closing does not reset the
+    // connection and destroy the reply before the caller reads it.
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.read(&mut [0; MAX_LINE]);
+    warn!("busy: rejected a connection (limit {max})");
+}
+
+fn handle(relay: &Relay, stream: TcpStream) {
+    let started = Instant::now();
+    let remote = match stream.peer_addr() {
+        Ok(addr) => addr,
+        Err(e) => return debug!("connection gone before it was served: {e}"),
+    };
+    let timeouts = stream
+        .set_read_timeout(Some(relay.idle_timeout))
+        .and_then(|()| stream.set_write_timeout(Some(relay.idle_timeout)));
+    if let Err(e) = timeouts {
+        return warn!("{remote}: cannot set timeouts: {e}");
+    }
+    let mut reader = BufReader::with_capacity(MAX_LINE, &stream);
+    let (summary, response) = match Request::read_from(&mut reader) {
+        Ok(Some(request)) => relay.answer(request, remote.ip()),
+        Ok(None) => return debug!("{remote}: closed without a request"),
+        Err(e) => {
+            bump(&relay.stats.bad_requests);
+            (format!("bad request: {e}"), Response::Error((&e).into()))
+        }
+    };
+    let mut writer = BufWriter::new(&stream);
+    let sent = response.write_to(&mut writer).and_then(|()| writer.flush());
+    let elapsed = started.elapsed();
+    match sent {
+        Ok(()) => info!("{remote} {summary} ({elapsed:.1?})"),
+        Err(e) => info!("{remote} {summary}, reply not delivered: {e} ({elapsed:.1?})"),
+    }
+}
+
+impl Relay {
+    /// Carries out one request; returns a log summary and the reply.
+    fn answer(&self, request: Request, from: IpAddr) -> (String, Response) {
+        let now = Instant::now();
+        match request {
+            Request::Register { port, host } => {
+                let peer = match self.peer_addr(from, port, host) {
+                    Ok(peer) => peer,
+                    Err(reply) => {
+                        return (format!("REGISTER refused: {}", reply.message), reply.into())
+                    }
+                };
+                bump(&self.stats.registrations);
+                match self.registry.register(peer, now) {
+                    Registered::Full => {
+                        let reply = ErrorReply::new(
+                            ErrorCode::Busy,
+                            format!("the registry is full ({} peers)", self.registry.len()),
+                        );
+                        (
+                            format!("REGISTER {peer} refused: registry full"),
+                            reply.into(),
+                        )
+                    }
+                    outcome => {
+                        let what = if outcome == Registered::New {
+                            "new"
+                        } else {
+                            "refreshed"
+                        };
+                        let ttl_secs = self.registry.ttl().as_secs();
+                        (
+                            format!("REGISTER {peer} {what}"),
+                            Response::Registered { ttl_secs },
+                        )
+                    }
+                }
+            }
+            Request::Unregister { port, host } => {
+                let peer = match self.peer_addr(from, port, host) {
+                    Ok(peer) => peer,
+                    Err(reply) => {
+                        return (
+                            format!("UNREGISTER refused: {}", reply.message),
+                            reply.into(),
+                        )
+                    }
+                };
+                bump(&self.stats.unregistrations);
+                let was = if self.registry.unregister(&peer) {
+                    "removed"
+                } else {
+                    "was not listed"
+                };
+                (format!("UNREGISTER {peer} {was}"), Response::Unregistered)
+            }
+            Request::Peers => {
+                bump(&self.stats.lookups);
+                let peers = self.registry.sample(self.max_peers_returned, now);
+                (format!("PEERS -> {}", peers.len()), Response::Peers(peers))
+            }
+            Request::Stats => ("STATS".to_string(), Response::Stats(self.stats(now))),
+        }
+    }
+
+    /// The address a peer is stored under: the one its connection came
+    /// from, unless it names another (`--advertise`, for NAT).
+    fn peer_addr(
+        &self,
+        from: IpAddr,
+        port: u16,
+        host: Option<IpAddr>,
+    ) -> Result<PeerAddr, ErrorReply> {
+        let ip = host.unwrap_or(from.to_canonical());
+        PeerAddr::new(ip, port).map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))
+    }
+
+    fn stats(&self, now: Instant) -> Vec<(String, u64)> {
+        let s = &self.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("peers_live", self.registry.len() as u64),
+            ("uptime_secs", now.duration_since(self.started).as_secs()),
+            ("connections_open", self.open.load(Ordering::Relaxed) as u64),
+            ("registrations", get(&s.registrations)),
+            ("unregistrations", get(&s.unregistrations)),
+            ("lookups", get(&s.lookups)),
+            ("expired", get(&s.expired)),
+            ("bad_requests", get(&s.bad_requests)),
+            ("busy_rejections", get(&s.busy_rejections)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}

@@ -1,0 +1,245 @@
+//! Starting and stopping the real binaries. Every process started here is
+//! killed and reaped when its guard drops, also when a test fails.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{mpsc, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
+
+use protocol::{relay, PeerAddr};
+
+/// How long any one step may take before the test fails instead of hanging.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// Path of a workspace binary, built once per test run.
+pub fn bin(name: &str) -> PathBuf {
+    static BINS: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
+    let bins = BINS.get_or_init(|| {
+        ["relay-server", "peer-node", "peer-client"]
+            .iter()
+            .map(|&name| {
+                let run = escargot::CargoBuild::new()
+                    .package(name)
+                    .bin(name)
+                    .current_release()
+                    .current_target()
+                    .run()
+                    .unwrap_or_else(|e| panic!("cannot build {name}: {e}"));
+                (name.to_string(), run.path().to_path_buf())
+            })
+            .collect()
+    });
+    bins.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone()).expect("known binary")
+}
+
+/// A running server; killed and reaped on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `bin` with `args` and waits for the address it prints first.
+    pub fn start(bin_name: &str, args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("stderr.log");
+        let mut child = Command::new(bin(bin_name))
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin_name}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut server = Server { child: Some(child), addr: ([0, 0, 0, 0], 0).into(), log, _dir: dir };
+        let line = rx.recv_timeout(STEP).unwrap_or_else(|_| {
+            panic!("{bin_name} printed no address; log:\n{}", server.log())
+        });
+        server.addr = line.trim().parse().unwrap_or_else(|_| {
+            panic!("{bin_name} printed {line:?}, not an address; log:\n{}", server.log())
+        });
+        server
+    }
+
+    /// A relay on 127.0.0.1 and a free port.
+    pub fn relay(extra: &[&str]) -> Server {
+        let mut args = vec!["0", "--bind", "127.0.0.1"];
+        args.extend_from_slice(extra);
+        Server::start("relay-server", &args)
+    }
+
+    /// A peer serving `dir`, registered with `relay`.
+    pub fn peer(relay: SocketAddr, dir: &Path, extra: &[&str]) -> Server {
+        let port = relay.port().to_string();
+        let dir = dir.to_str().expect("utf-8 temp path");
+        let mut args = vec!["127.0.0.1", &port, "--dir", dir, "--bind", "127.0.0.1"];
+        args.extend_from_slice(extra);
+        Server::start("peer-node", &args)
+    }
+
+    pub fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`TERM`, `STOP`, `CONT`, `KILL`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + STEP;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "process did not exit; log:\n{}", self.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // A stopped process cannot die until continued.
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `peer-client` against `relay` with `args`, feeding it `stdin`.
+pub fn client(relay: SocketAddr, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(bin("peer-client"))
+        .arg("127.0.0.1")
+        .arg(relay.port().to_string())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start peer-client");
+    let mut input = child.stdin.take().expect("piped stdin");
+    let stdin = stdin.to_string();
+    let feeder = thread::spawn(move || {
+        let _ = input.write_all(stdin.as_bytes());
+    });
+    let output = wait_output(child);
+    let _ = feeder.join();
+    output
+}
+
+/// `wait_with_output` with a deadline: a hung client fails the test.
+pub fn wait_output(mut child: Child) -> Output {
+    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = read(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + STEP * 2;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("peer-client hung for {:?}", STEP * 2);
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Output { status, stdout: stdout.join().expect("stdout"), stderr: stderr.join().expect("stderr") }
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asks the relay directly for its live peers.
+pub fn live_peers(relay: SocketAddr) -> Vec<PeerAddr> {
+    let mut stream = TcpStream::connect_timeout(&relay, STEP).expect("connect to relay");
+    stream.set_read_timeout(Some(STEP)).expect("timeout");
+    relay::Request::Peers.write_to(&mut stream).expect("send");
+    match relay::Response::read_from(&mut BufReader::new(&stream)).expect("reply") {
+        relay::Response::Peers(peers) => peers,
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+/// Polls until `check` holds, failing the test after `STEP`.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + STEP;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends raw bytes to a server and returns everything it answers until it closes.
+pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect_timeout(&addr, STEP).expect("connect");
+    stream.set_read_timeout(Some(STEP)).expect("timeout");
+    stream.write_all(request).expect("send");
+    let mut reply = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut reply);
+    reply
+}
+
+/// A relay with one peer per folder, all registered.
+pub struct Network {
+    pub relay: Server,
+    pub peers: Vec<Server>,
+}
+
+impl Network {
+    pub fn start(dirs: &[&Path]) -> Network {
+        let relay = Server::relay(&[]);
+        let peers: Vec<Server> = dirs.iter().map(|dir| Server::peer(relay.addr, dir, &[])).collect();
+        eventually("every peer is registered", || live_peers(relay.addr).len() == dirs.len());
+        Network { relay, peers }
+    }
+
+    pub fn client(&self, args: &[&str]) -> Output {
+        client(self.relay.addr, args, "")
+    }
+}

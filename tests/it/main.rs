@@ -1,0 +1,7 @@
+//! End-to-end tests: the real binaries, on loopback, with ephemeral ports.
+//! One test binary with a module per topic, so the suite links once.
+
+mod cli;
+mod harness;
+mod paths;
+mod phases;

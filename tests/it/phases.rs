@@ -1,0 +1,140 @@
+//! The three phases end to end: register, discover, fetch.
+
+use std::fs;
+
+use crate::harness::{client, eventually, live_peers, stderr, stdout, Network, Server};
+
+/// Three folders with distinct files, like the demo's `files/`.
+fn three_folders() -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+    let root = tempfile::tempdir().unwrap();
+    let dirs: Vec<_> = (1..=3).map(|i| root.path().join(format!("peer{i}"))).collect();
+    for (i, dir) in dirs.iter().enumerate() {
+        fs::create_dir(dir).unwrap();
+        fs::write(dir.join(format!("file{}.txt", i + 1)), format!("content of file {}\n", i + 1)).unwrap();
+    }
+    (root, dirs)
+}
+
+#[test]
+fn peers_register_and_the_client_lists_them() {
+    let (_root, dirs) = three_folders();
+    let net = Network::start(&dirs.iter().map(|d| d.as_path()).collect::<Vec<_>>());
+    let out = net.client(&["peers"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut listed: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    listed.sort();
+    let mut expected: Vec<String> = net.peers.iter().map(|p| p.addr.to_string()).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+}
+
+#[test]
+fn every_file_is_fetched_from_whichever_peer_has_it() {
+    let (_root, dirs) = three_folders();
+    let net = Network::start(&dirs.iter().map(|d| d.as_path()).collect::<Vec<_>>());
+    for i in 1..=3 {
+        let out = net.client(&["get", &format!("file{i}.txt")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), format!("content of file {i}\n"));
+    }
+}
+
+#[test]
+fn a_missing_file_is_reported_with_exit_code_1() {
+    let (_root, dirs) = three_folders();
+    let net = Network::start(&dirs.iter().map(|d| d.as_path()).collect::<Vec<_>>());
+    let out = net.client(&["get", "nowhere.txt"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(stderr(&out).contains("\"nowhere.txt\" not found on any of 3 peers"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_interactive_client_fetches_name_after_name() {
+    let (_root, dirs) = three_folders();
+    let net = Network::start(&dirs.iter().map(|d| d.as_path()).collect::<Vec<_>>());
+    let out = client(net.relay.addr, &[], "file2.txt\nnowhere.txt\n\nfile3.txt\nquit\nfile1.txt\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Content on stdout only, in order; `quit` ends before file1.
+    assert_eq!(stdout(&out), "content of file 2\ncontent of file 3\n");
+    let err = stderr(&out);
+    assert!(err.contains("3 live peers"), "{err}");
+    assert!(err.contains("\"nowhere.txt\" not found on any of 3 peers"), "{err}");
+}
+
+#[test]
+fn the_interactive_client_ends_at_end_of_input() {
+    let (_root, dirs) = three_folders();
+    let net = Network::start(&[dirs[0].as_path()]);
+    let out = client(net.relay.addr, &[], "file1.txt");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "content of file 1\n");
+}
+
+#[test]
+fn binary_empty_and_oddly_named_files_arrive_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every byte value, zeros included, over several read buffers.
+    let binary: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("blob.bin", binary),
+        ("empty", Vec::new()),
+        ("with space.txt", b"spaced\n".to_vec()),
+        ("ünïcödé – 日本.txt", "non-ascii\n".as_bytes().to_vec()),
+        ("100% sure.txt", b"percent\n".to_vec()),
+        ("sub/dir/nested.txt", b"nested\n".to_vec()),
+    ];
+    for (name, content) in &files {
+        let path = dir.path().join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, content).unwrap();
+    }
+    let net = Network::start(&[dir.path()]);
+    let out_dir = tempfile::tempdir().unwrap();
+    for (name, content) in &files {
+        let out = net.client(&["get", name]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        assert!(out.stdout == *content, "{name}: stdout differs");
+
+        let saved = out_dir.path().join("saved");
+        let out = net.client(&["get", name, "-o", saved.to_str().unwrap()]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        assert!(fs::read(&saved).unwrap() == *content, "{name}: saved file differs");
+    }
+    // Nothing but the saved file is left in the folder.
+    assert_eq!(fs::read_dir(out_dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn output_into_a_folder_keeps_the_file_name() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("docs")).unwrap();
+    fs::write(dir.path().join("docs/guide.txt"), "guide\n").unwrap();
+    let net = Network::start(&[dir.path()]);
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = net.client(&["get", "docs/guide.txt", "-o", out_dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fs::read_to_string(out_dir.path().join("guide.txt")).unwrap(), "guide\n");
+}
+
+#[test]
+fn a_peer_that_registers_again_is_listed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Server::relay(&[]);
+    let peer = Server::peer(relay.addr, dir.path(), &["--heartbeat", "1"]);
+    eventually("the peer has sent a few heartbeats", || {
+        peer.log().matches("REGISTERED").count() >= 3 || relay.log().matches("refreshed").count() >= 2
+    });
+    assert_eq!(live_peers(relay.addr).len(), 1);
+}
+
+#[test]
+fn with_no_peers_a_fetch_says_so() {
+    let relay = Server::relay(&[]);
+    let out = client(relay.addr, &["get", "x.txt"], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no live peers"), "{}", stderr(&out));
+    let out = client(relay.addr, &["peers"], "");
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+}
