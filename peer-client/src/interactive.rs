@@ -34,7 +34,9 @@ pub fn run(relay: &Relay) -> Result<(), Failure> {
         match (&mut input).take(MAX_INPUT as u64).read_line(&mut line) {
             Ok(0) => break,
             Ok(_) if line.len() == MAX_INPUT && !line.ends_with('\n') => {
-                return Err(Failure::Local(format!("input line longer than {MAX_INPUT} bytes")))
+                return Err(Failure::Local(format!(
+                    "input line longer than {MAX_INPUT} bytes"
+                )))
             }
             Ok(_) => {}
             Err(e) => return Err(Failure::Local(format!("cannot read input: {e}"))),

@@ -36,11 +36,19 @@ pub fn send(
     Ok(BufReader::with_capacity(64 * 1024, stream))
 }
 
-/// "timed out" instead of "Resource temporarily unavailable" for a read timeout.
+/// A short, lowercase reason: "timed out" rather than "Resource temporarily
+/// unavailable (os error 11)" for a read timeout, "connection refused" rather
+/// than "Connection refused (os error 111)".
 pub fn describe(e: &io::Error) -> String {
+    use io::ErrorKind::*;
     if protocol::is_timeout(e) {
-        "timed out".to_string()
-    } else {
-        e.to_string()
+        return "timed out".to_string();
+    }
+    match e.kind() {
+        ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe
+        | AddrNotAvailable | HostUnreachable | NetworkUnreachable | NetworkDown | UnexpectedEof => {
+            e.kind().to_string()
+        }
+        _ => e.to_string(),
     }
 }

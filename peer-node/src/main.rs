@@ -45,7 +45,7 @@ struct Args {
     #[arg(long, env = "PEER_HEARTBEAT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     heartbeat: u64,
     /// Most connections served at once; more are answered `ERR busy`
-    #[arg(long, env = "PEER_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, env = "PEER_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_connections: u64,
     /// Seconds a connection may take to send its request, and a write may
     /// wait on a client that does not read

@@ -2,7 +2,7 @@
 //! file streamed by the kernel, or the folder's listing, or an error.
 
 use std::{
-    io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write},
+    io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -137,26 +137,12 @@ fn handle(peer: &Peer, stream: TcpStream) {
         Ok(addr) => addr,
         Err(e) => return debug!("connection gone before it was served: {e}"),
     };
-    let timeouts = stream
-        .set_read_timeout(Some(peer.idle_timeout))
-        .and_then(|()| stream.set_write_timeout(Some(peer.write_timeout)));
-    if let Err(e) = timeouts {
+    if let Err(e) = stream.set_write_timeout(Some(peer.write_timeout)) {
         return warn!("{remote}: cannot set timeouts: {e}");
     }
-    let request = match Request::read_from(&mut BufReader::with_capacity(MAX_LINE, &stream)) {
-        Ok(Some(request)) => request,
-        Ok(None) => return debug!("{remote}: closed without a request"),
-        Err(e) => {
-            let _ = Response::Error((&e).into()).write_to(&mut &stream);
-            return info!("{remote} bad request: {e} ({:.1?})", started.elapsed());
-        }
-    };
-    let (summary, result) = match request {
-        Request::Get { name, offset } => (
-            format!("GET {name:?} from {offset}"),
-            send_file(peer, &stream, &name, offset),
-        ),
-        Request::List => ("LIST".to_string(), send_list(peer, &stream)),
+    let mut input = BufReader::with_capacity(MAX_LINE, Deadline::after(&stream, peer.idle_timeout));
+    let Some((summary, result)) = respond(peer, &mut input, &mut &stream) else {
+        return debug!("{remote}: closed without a request");
     };
     let elapsed = started.elapsed();
     match result {
@@ -165,10 +151,64 @@ fn handle(peer: &Peer, stream: TcpStream) {
     }
 }
 
-/// Sends the header and the file from `offset`; returns a log summary.
-fn send_file(
+/// Reads one request and answers it on `out`; returns a log summary and
+/// the outcome, or `None` if the caller closed without asking anything.
+fn respond<W: Write>(
     peer: &Peer,
-    mut stream: &TcpStream,
+    input: &mut impl BufRead,
+    out: &mut W,
+) -> Option<(String, anyhow::Result<String>)> {
+    let request = match Request::read_from(input) {
+        Ok(Some(request)) => request,
+        Ok(None) => return None,
+        Err(e) => {
+            let sent = Response::Error((&e).into()).write_to(out);
+            return Some((
+                format!("bad request: {e}"),
+                sent.map(|()| "refused".into()).map_err(Into::into),
+            ));
+        }
+    };
+    Some(match request {
+        Request::Get { name, offset } => (
+            format!("GET {name:?} from {offset}"),
+            send_file(peer, out, &name, offset),
+        ),
+        Request::List => ("LIST".to_string(), send_list(peer, out)),
+    })
+}
+
+/// Reads from a socket until a deadline. A read timeout alone is per read,
+/// so a caller trickling one byte every few seconds would never time out.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    fn after(stream: &'a TcpStream, limit: Duration) -> Self {
+        Deadline {
+            stream,
+            deadline: Instant::now() + limit,
+        }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+/// Sends the header and the file from `offset`; returns a log summary.
+fn send_file<W: Write>(
+    peer: &Peer,
+    out: &mut W,
     name: &FileName,
     offset: u64,
 ) -> anyhow::Result<String> {
@@ -176,7 +216,7 @@ fn send_file(
         Ok(served) => served,
         Err(refusal) => {
             let summary = format!("refused: {refusal}");
-            Response::Error(refusal).write_to(&mut stream)?;
+            Response::Error(refusal).write_to(out)?;
             return Ok(summary);
         }
     };
@@ -188,7 +228,7 @@ fn send_file(
                 served.size
             ),
         );
-        Response::Error(reply).write_to(&mut stream)?;
+        Response::Error(reply).write_to(out)?;
         return Ok("refused: offset past the end".into());
     }
     let mut file = served.file;
@@ -197,18 +237,18 @@ fn send_file(
         size: served.size,
         hash: served.hash,
     })
-    .write_to(&mut stream)?;
+    .write_to(out)?;
     // File to socket: `io::copy` lets the kernel move the bytes (sendfile on Linux).
     let want = served.size - offset;
-    let sent = io::copy(&mut file.take(want), &mut stream).context("transfer broke")?;
+    debug!("sending {want} bytes of {name:?} from {offset}");
+    let sent = io::copy(&mut file.take(want), out).context("transfer broke")?;
     if sent < want {
         anyhow::bail!("file shrank while being sent: {sent} of {want} bytes");
     }
     Ok(format!("sent {sent} bytes"))
 }
 
-fn send_list(peer: &Peer, stream: &TcpStream) -> anyhow::Result<String> {
-    let mut out = BufWriter::new(stream);
+fn send_list<W: Write>(peer: &Peer, out: &mut W) -> anyhow::Result<String> {
     let response = match peer.library.list(MAX_FILES) {
         Ok(entries) => Response::Files(entries),
         Err(e) => Response::Error(ErrorReply::new(
@@ -216,10 +256,108 @@ fn send_list(peer: &Peer, stream: &TcpStream) -> anyhow::Result<String> {
             format!("cannot list the folder: {e}"),
         )),
     };
-    response.write_to(&mut out)?;
-    out.flush()?;
+    response.write_to(out)?;
     Ok(match response {
         Response::Files(entries) => format!("{} files", entries.len()),
         _ => "cannot list the folder".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Cursor;
+
+    fn peer(dir: &std::path::Path) -> Peer {
+        Peer {
+            library: Library::open(dir).unwrap(),
+            idle_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            open: AtomicUsize::new(0),
+        }
+    }
+
+    fn ask(peer: &Peer, request: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let (_, outcome) =
+            respond(peer, &mut Cursor::new(request), &mut out).expect("a request was sent");
+        outcome.expect("reply written");
+        out
+    }
+
+    #[test]
+    fn get_sends_the_rest_of_the_file_from_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "hello world").unwrap();
+        let peer = peer(dir.path());
+        let hash = blake3::hash(b"hello world");
+        assert_eq!(
+            ask(&peer, b"RP2P/1 GET a.txt\n"),
+            format!("FILE 11 {hash}\nhello world").into_bytes()
+        );
+        assert_eq!(
+            ask(&peer, b"RP2P/1 GET a.txt 6\n"),
+            format!("FILE 11 {hash}\nworld").into_bytes()
+        );
+        assert_eq!(
+            ask(&peer, b"RP2P/1 GET a.txt 11\n"),
+            format!("FILE 11 {hash}\n").into_bytes()
+        );
+        assert!(ask(&peer, b"RP2P/1 GET a.txt 12\n")
+            .starts_with(b"ERR bad-request offset 12 is past the end"));
+        assert!(ask(&peer, b"RP2P/1 GET b.txt\n").starts_with(b"ERR not-found"));
+    }
+
+    #[test]
+    fn list_names_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a b.txt"), "x").unwrap();
+        assert_eq!(
+            ask(&peer(dir.path()), b"RP2P/1 LIST\n"),
+            b"FILES 1\n1 a%20b.txt\n"
+        );
+    }
+
+    #[test]
+    fn bad_requests_get_an_error_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = peer(dir.path());
+        for (request, code) in [
+            (&b"RP2P/1 GET ../etc/passwd\n"[..], "forbidden"),
+            (b"RP2P/1 PUT x\n", "bad-request"),
+            (b"HELLO\n", "version"),
+            (b"\xff\xfe\n", "bad-request"),
+            (b"RP2P/1 GET x", "bad-request"),
+        ] {
+            let reply = String::from_utf8(ask(&peer, request)).unwrap();
+            assert!(
+                reply.starts_with(&format!("ERR {code} ")),
+                "{request:?}: {reply}"
+            );
+            assert!(
+                reply.ends_with('\n') && reply.lines().count() == 1,
+                "{reply}"
+            );
+        }
+        let long = format!("RP2P/1 GET {}\n", "a".repeat(MAX_LINE));
+        assert!(ask(&peer, long.as_bytes()).starts_with(b"ERR too-long "));
+        assert!(respond(&peer, &mut Cursor::new(b""), &mut Vec::new()).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("a"), "content").unwrap();
+            let _ = respond(&peer(dir.path()), &mut Cursor::new(bytes), &mut Vec::new());
+        }
+
+        #[test]
+        fn arbitrary_gets_never_panic(line in "RP2P/1 (GET|LIST|get)( [a-z./%0-9]{0,12}){0,3}\n") {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("a"), "content").unwrap();
+            let _ = respond(&peer(dir.path()), &mut Cursor::new(line), &mut Vec::new());
+        }
+    }
 }

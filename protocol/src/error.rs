@@ -167,6 +167,10 @@ impl ErrorReply {
 
 impl From<&ProtocolError> for ErrorReply {
     fn from(e: &ProtocolError) -> Self {
+        if e.is_timeout() {
+            // Not "resource temporarily unavailable": say what happened.
+            return ErrorReply::new(ErrorCode::Timeout, "no complete request line in time");
+        }
         ErrorReply::new(e.code(), e)
     }
 }

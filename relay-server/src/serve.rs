@@ -1,7 +1,7 @@
 //! The accept loop and the handling of one connection: one request, one reply.
 
 use std::{
-    io::{BufReader, BufWriter, Read, Write},
+    io::{self, BufRead, BufReader, Read},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -69,14 +69,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     info!("relay listening on {local} (ttl {}s)", config.ttl.as_secs());
 
     let shutdown = Shutdown::install(local)?;
-    let relay = Arc::new(Relay {
-        registry: Registry::new(config.ttl, config.max_registered),
-        max_peers_returned: config.max_peers_returned,
-        idle_timeout: config.idle_timeout,
-        started: Instant::now(),
-        open: AtomicUsize::new(0),
-        stats: Stats::default(),
-    });
+    let relay = Arc::new(Relay::new(&config));
     let sweeper = {
         let (relay, shutdown) = (Arc::clone(&relay), Arc::clone(&shutdown));
         thread::Builder::new()
@@ -160,23 +153,15 @@ fn handle(relay: &Relay, stream: TcpStream) {
         Ok(addr) => addr,
         Err(e) => return debug!("connection gone before it was served: {e}"),
     };
-    let timeouts = stream
-        .set_read_timeout(Some(relay.idle_timeout))
-        .and_then(|()| stream.set_write_timeout(Some(relay.idle_timeout)));
-    if let Err(e) = timeouts {
+    if let Err(e) = stream.set_write_timeout(Some(relay.idle_timeout)) {
         return warn!("{remote}: cannot set timeouts: {e}");
     }
-    let mut reader = BufReader::with_capacity(MAX_LINE, &stream);
-    let (summary, response) = match Request::read_from(&mut reader) {
-        Ok(Some(request)) => relay.answer(request, remote.ip()),
-        Ok(None) => return debug!("{remote}: closed without a request"),
-        Err(e) => {
-            bump(&relay.stats.bad_requests);
-            (format!("bad request: {e}"), Response::Error((&e).into()))
-        }
+    let mut input =
+        BufReader::with_capacity(MAX_LINE, Deadline::after(&stream, relay.idle_timeout));
+    let Some((summary, response)) = relay.respond(&mut input, remote.ip()) else {
+        return debug!("{remote}: closed without a request");
     };
-    let mut writer = BufWriter::new(&stream);
-    let sent = response.write_to(&mut writer).and_then(|()| writer.flush());
+    let sent = response.write_to(&mut &stream);
     let elapsed = started.elapsed();
     match sent {
         Ok(()) => info!("{remote} {summary} ({elapsed:.1?})"),
@@ -184,7 +169,58 @@ fn handle(relay: &Relay, stream: TcpStream) {
     }
 }
 
+/// Reads from a socket until a deadline. A read timeout alone is per read,
+/// so a caller trickling one byte every few seconds would never time out.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    fn after(stream: &'a TcpStream, limit: Duration) -> Self {
+        Deadline {
+            stream,
+            deadline: Instant::now() + limit,
+        }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
 impl Relay {
+    fn new(config: &Config) -> Self {
+        Relay {
+            registry: Registry::new(config.ttl, config.max_registered),
+            max_peers_returned: config.max_peers_returned,
+            idle_timeout: config.idle_timeout,
+            started: Instant::now(),
+            open: AtomicUsize::new(0),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Reads one request and carries it out; returns a log summary and the
+    /// reply, or `None` if the caller closed without asking anything.
+    fn respond(&self, input: &mut impl BufRead, from: IpAddr) -> Option<(String, Response)> {
+        match Request::read_from(input) {
+            Ok(Some(request)) => Some(self.answer(request, from)),
+            Ok(None) => None,
+            Err(e) => {
+                bump(&self.stats.bad_requests);
+                Some((format!("bad request: {e}"), Response::Error((&e).into())))
+            }
+        }
+    }
+
     /// Carries out one request; returns a log summary and the reply.
     fn answer(&self, request: Request, from: IpAddr) -> (String, Response) {
         let now = Instant::now();
@@ -278,5 +314,127 @@ impl Relay {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Cursor;
+
+    fn relay() -> Relay {
+        Relay::new(&Config {
+            bind: ([127, 0, 0, 1], 0).into(),
+            ttl: Duration::from_secs(90),
+            max_registered: 3,
+            max_peers_returned: 2,
+            max_connections: 10,
+            idle_timeout: Duration::from_secs(5),
+            grace: Duration::ZERO,
+        })
+    }
+
+    const FROM: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 9));
+
+    fn ask(relay: &Relay, line: &str) -> Response {
+        let (_, response) = relay
+            .respond(&mut Cursor::new(format!("{line}\n")), FROM)
+            .unwrap();
+        response
+    }
+
+    #[test]
+    fn registered_peers_are_listed_at_the_address_they_came_from() {
+        let relay = relay();
+        assert_eq!(
+            ask(&relay, "RP2P/1 REGISTER 7000"),
+            Response::Registered { ttl_secs: 90 }
+        );
+        assert_eq!(
+            ask(&relay, "RP2P/1 PEERS"),
+            Response::Peers(vec!["127.0.0.9:7000".parse().unwrap()])
+        );
+        assert_eq!(
+            ask(&relay, "RP2P/1 UNREGISTER 7000"),
+            Response::Unregistered
+        );
+        assert_eq!(ask(&relay, "RP2P/1 PEERS"), Response::Peers(vec![]));
+    }
+
+    #[test]
+    fn an_advertised_host_replaces_the_source_address() {
+        let relay = relay();
+        ask(&relay, "RP2P/1 REGISTER 7000 10.1.2.3");
+        assert_eq!(
+            ask(&relay, "RP2P/1 PEERS"),
+            Response::Peers(vec!["10.1.2.3:7000".parse().unwrap()])
+        );
+    }
+
+    #[test]
+    fn garbage_never_reaches_the_list() {
+        let relay = relay();
+        for line in [
+            "RP2P/1 REGISTER 0",
+            "RP2P/1 REGISTER 70000",
+            "RP2P/1 REGISTER 80 0.0.0.0",
+            "RP2P/1 REGISTER 80 224.0.0.1",
+            "RP2P/1 REGISTER 80 example.com",
+            "RP2P/1 REGISTER -1",
+            "REGISTER 80",
+        ] {
+            assert!(matches!(ask(&relay, line), Response::Error(_)), "{line}");
+        }
+        assert_eq!(relay.registry.len(), 0);
+    }
+
+    #[test]
+    fn lists_are_capped_and_a_full_registry_says_busy() {
+        let relay = relay();
+        for port in 1..=3 {
+            ask(&relay, &format!("RP2P/1 REGISTER {port}"));
+        }
+        match ask(&relay, "RP2P/1 PEERS") {
+            Response::Peers(peers) => assert_eq!(peers.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        match ask(&relay, "RP2P/1 REGISTER 4") {
+            Response::Error(e) => assert_eq!(e.code, ErrorCode::Busy),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn stats_count_what_happened() {
+        let relay = relay();
+        ask(&relay, "RP2P/1 REGISTER 1");
+        ask(&relay, "RP2P/1 PEERS");
+        ask(&relay, "nonsense");
+        let Response::Stats(stats) = ask(&relay, "RP2P/1 STATS") else {
+            panic!("no stats")
+        };
+        let get = |k: &str| stats.iter().find(|(key, _)| key == k).map(|(_, v)| *v);
+        assert_eq!(get("peers_live"), Some(1));
+        assert_eq!(get("registrations"), Some(1));
+        assert_eq!(get("lookups"), Some(1));
+        assert_eq!(get("bad_requests"), Some(1));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let relay = relay();
+            if let Some((_, response)) = relay.respond(&mut Cursor::new(bytes), FROM) {
+                let mut out = Vec::new();
+                prop_assert!(response.write_to(&mut out).is_ok());
+            }
+            prop_assert!(relay.registry.len() <= 1);
+        }
+
+        #[test]
+        fn arbitrary_registrations_never_panic(line in "RP2P/1 (UN)?REGISTER [0-9]{0,6}( [0-9a-f.:]{0,20})?") {
+            let _ = relay().respond(&mut Cursor::new(format!("{line}\n")), FROM);
+        }
     }
 }

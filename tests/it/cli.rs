@@ -19,7 +19,10 @@ fn assert_clean_failure(out: &std::process::Output, code: i32, needle: &str) {
     let err = stderr(out);
     assert_eq!(out.status.code(), Some(code), "{err}");
     assert!(err.contains(needle), "expected {needle:?} in {err:?}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -27,10 +30,16 @@ fn every_binary_has_help_and_version() {
     for name in ["relay-server", "peer-node", "peer-client"] {
         let help = run(name, &["--help"]);
         assert!(help.status.success(), "{name} --help");
-        assert!(String::from_utf8_lossy(&help.stdout).contains("Usage:"), "{name}");
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains("Usage:"),
+            "{name}"
+        );
         let version = run(name, &["--version"]);
         assert!(version.status.success(), "{name} --version");
-        assert!(String::from_utf8_lossy(&version.stdout).starts_with(name), "{name}");
+        assert!(
+            String::from_utf8_lossy(&version.stdout).starts_with(name),
+            "{name}"
+        );
     }
 }
 
@@ -39,8 +48,16 @@ fn bad_arguments_are_usage_errors() {
     assert_clean_failure(&run("relay-server", &["not-a-port"]), 2, "invalid value");
     assert_clean_failure(&run("relay-server", &["8888", "--ttl", "0"]), 2, "--ttl");
     assert_clean_failure(&run("peer-node", &["127.0.0.1", "8888"]), 2, "--dir");
-    assert_clean_failure(&run("peer-client", &["127.0.0.1", "99999"]), 2, "invalid value");
-    assert_clean_failure(&run("peer-client", &["127.0.0.1", "8888", "fly"]), 2, "unexpected argument 'fly'");
+    assert_clean_failure(
+        &run("peer-client", &["127.0.0.1", "99999"]),
+        2,
+        "invalid value",
+    );
+    assert_clean_failure(
+        &run("peer-client", &["127.0.0.1", "8888", "fly"]),
+        2,
+        "unexpected argument 'fly'",
+    );
 }
 
 #[test]
@@ -53,27 +70,49 @@ fn a_port_in_use_is_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(
         "peer-node",
-        &["127.0.0.1", &relay.port(), "--dir", dir.path().to_str().unwrap(), "--bind", "127.0.0.1", "--port", &relay.port()],
+        &[
+            "127.0.0.1",
+            &relay.port(),
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &relay.port(),
+        ],
     );
     assert_clean_failure(&out, 1, "cannot bind");
 }
 
 #[test]
 fn a_missing_folder_is_one_clear_line() {
-    let out = run("peer-node", &["127.0.0.1", "8888", "--dir", "/no/such/folder"]);
+    let out = run(
+        "peer-node",
+        &["127.0.0.1", "8888", "--dir", "/no/such/folder"],
+    );
     assert_clean_failure(&out, 1, "cannot use folder /no/such/folder");
     let file = tempfile::NamedTempFile::new().unwrap();
-    let out = run("peer-node", &["127.0.0.1", "8888", "--dir", file.path().to_str().unwrap()]);
+    let out = run(
+        "peer-node",
+        &["127.0.0.1", "8888", "--dir", file.path().to_str().unwrap()],
+    );
     assert_clean_failure(&out, 1, "not a directory");
 }
 
 #[test]
 fn an_unreachable_relay_is_a_network_error() {
     // A port that was free a moment ago: nothing listens there.
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     for args in [&["peers"][..], &["get", "x.txt"], &["stats"], &[]] {
         let out = client(free, args, "");
-        assert_clean_failure(&out, 3, &format!("cannot reach relay 127.0.0.1:{}", free.port()));
+        assert_clean_failure(
+            &out,
+            3,
+            &format!("cannot reach relay 127.0.0.1:{}", free.port()),
+        );
     }
     let out = run("peer-node", &["no-such-host.invalid", "8888", "--dir", "."]);
     assert_clean_failure(&out, 1, "cannot resolve relay no-such-host.invalid:8888");

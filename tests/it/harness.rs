@@ -35,7 +35,10 @@ pub fn bin(name: &str) -> PathBuf {
             })
             .collect()
     });
-    bins.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone()).expect("known binary")
+    bins.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p.clone())
+        .expect("known binary")
 }
 
 /// A running server; killed and reaped on drop.
@@ -66,12 +69,20 @@ impl Server {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let mut server = Server { child: Some(child), addr: ([0, 0, 0, 0], 0).into(), log, _dir: dir };
-        let line = rx.recv_timeout(STEP).unwrap_or_else(|_| {
-            panic!("{bin_name} printed no address; log:\n{}", server.log())
-        });
+        let mut server = Server {
+            child: Some(child),
+            addr: ([0, 0, 0, 0], 0).into(),
+            log,
+            _dir: dir,
+        };
+        let line = rx
+            .recv_timeout(STEP)
+            .unwrap_or_else(|_| panic!("{bin_name} printed no address; log:\n{}", server.log()));
         server.addr = line.trim().parse().unwrap_or_else(|_| {
-            panic!("{bin_name} printed {line:?}, not an address; log:\n{}", server.log())
+            panic!(
+                "{bin_name} printed {line:?}, not an address; log:\n{}",
+                server.log()
+            )
         });
         server
     }
@@ -123,7 +134,11 @@ impl Server {
                 self.child = None;
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "process did not exit; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit; log:\n{}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -133,7 +148,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // A stopped process cannot die until continued.
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -163,15 +180,18 @@ pub fn client(relay: SocketAddr, args: &[&str], stdin: &str) -> Output {
 
 /// `wait_with_output` with a deadline: a hung client fails the test.
 pub fn wait_output(mut child: Child) -> Output {
-    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
+    // A pipe the caller already took (to read it itself) reads as empty.
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
         thread::spawn(move || {
             let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
             buf
         })
     };
-    let stdout = read(Box::new(child.stdout.take().expect("piped stdout")));
-    let stderr = read(Box::new(child.stderr.take().expect("piped stderr")));
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
     let deadline = Instant::now() + STEP * 2;
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -184,7 +204,11 @@ pub fn wait_output(mut child: Child) -> Output {
         }
         thread::sleep(Duration::from_millis(10));
     };
-    Output { status, stdout: stdout.join().expect("stdout"), stderr: stderr.join().expect("stderr") }
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout"),
+        stderr: stderr.join().expect("stderr"),
+    }
 }
 
 pub fn stderr(out: &Output) -> String {
@@ -234,8 +258,13 @@ pub struct Network {
 impl Network {
     pub fn start(dirs: &[&Path]) -> Network {
         let relay = Server::relay(&[]);
-        let peers: Vec<Server> = dirs.iter().map(|dir| Server::peer(relay.addr, dir, &[])).collect();
-        eventually("every peer is registered", || live_peers(relay.addr).len() == dirs.len());
+        let peers: Vec<Server> = dirs
+            .iter()
+            .map(|dir| Server::peer(relay.addr, dir, &[]))
+            .collect();
+        eventually("every peer is registered", || {
+            live_peers(relay.addr).len() == dirs.len()
+        });
         Network { relay, peers }
     }
 

@@ -2,6 +2,8 @@
 //! One test binary with a module per topic, so the suite links once.
 
 mod cli;
+mod faults;
 mod harness;
+mod hostile;
 mod paths;
 mod phases;

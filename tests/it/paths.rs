@@ -16,12 +16,19 @@ fn escaping_names_are_forbidden_and_the_peer_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir(dir.path().join("a")).unwrap();
     fs::write(dir.path().join("ok.txt"), "ok").unwrap();
-    symlink(outside.path().join("secret.txt"), dir.path().join("link.txt")).unwrap();
+    symlink(
+        outside.path().join("secret.txt"),
+        dir.path().join("link.txt"),
+    )
+    .unwrap();
     symlink(outside.path(), dir.path().join("linkdir")).unwrap();
     let net = Network::start(&[dir.path()]);
     let peer = net.peers[0].addr;
 
-    let secret_rel = format!("../{}/secret.txt", outside.path().file_name().unwrap().to_str().unwrap());
+    let secret_rel = format!(
+        "../{}/secret.txt",
+        outside.path().file_name().unwrap().to_str().unwrap()
+    );
     for name in [
         "../x",
         "/etc/passwd",
@@ -37,11 +44,18 @@ fn escaping_names_are_forbidden_and_the_peer_keeps_serving() {
         let reply = raw_exchange(peer, format!("RP2P/1 GET {name}\n").as_bytes());
         let line = reply_line(&reply);
         assert!(line.starts_with("ERR forbidden "), "{name}: {line}");
-        assert!(!String::from_utf8_lossy(&reply).contains("TOP-SECRET"), "{name} leaked");
+        assert!(
+            !String::from_utf8_lossy(&reply).contains("TOP-SECRET"),
+            "{name} leaked"
+        );
     }
     // Still serving.
     let reply = raw_exchange(peer, b"RP2P/1 GET ok.txt\n");
-    assert!(reply.ends_with(b"\nok"), "{}", String::from_utf8_lossy(&reply));
+    assert!(
+        reply.ends_with(b"\nok"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
     // The listing holds neither the escaping link nor the linked folder.
     let listing = String::from_utf8_lossy(&raw_exchange(peer, b"RP2P/1 LIST\n")).into_owned();
     assert_eq!(listing, "FILES 1\n2 ok.txt\n");
@@ -54,7 +68,14 @@ fn the_client_refuses_escaping_names_before_asking() {
     for name in ["../x", "/etc/passwd", "a/../../x"] {
         let out = net.client(&["get", name]);
         assert_eq!(out.status.code(), Some(2), "{name}");
-        assert!(stderr(&out).contains("invalid file name"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("invalid file name"),
+            "{}",
+            stderr(&out)
+        );
     }
-    assert!(!net.peers[0].log().contains("GET"), "nothing reached the peer");
+    assert!(
+        !net.peers[0].log().contains("GET"),
+        "nothing reached the peer"
+    );
 }

@@ -7,10 +7,16 @@ use crate::harness::{client, eventually, live_peers, stderr, stdout, Network, Se
 /// Three folders with distinct files, like the demo's `files/`.
 fn three_folders() -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
     let root = tempfile::tempdir().unwrap();
-    let dirs: Vec<_> = (1..=3).map(|i| root.path().join(format!("peer{i}"))).collect();
+    let dirs: Vec<_> = (1..=3)
+        .map(|i| root.path().join(format!("peer{i}")))
+        .collect();
     for (i, dir) in dirs.iter().enumerate() {
         fs::create_dir(dir).unwrap();
-        fs::write(dir.join(format!("file{}.txt", i + 1)), format!("content of file {}\n", i + 1)).unwrap();
+        fs::write(
+            dir.join(format!("file{}.txt", i + 1)),
+            format!("content of file {}\n", i + 1),
+        )
+        .unwrap();
     }
     (root, dirs)
 }
@@ -46,20 +52,31 @@ fn a_missing_file_is_reported_with_exit_code_1() {
     let out = net.client(&["get", "nowhere.txt"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
-    assert!(stderr(&out).contains("\"nowhere.txt\" not found on any of 3 peers"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("\"nowhere.txt\" not found on any of 3 peers"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn the_interactive_client_fetches_name_after_name() {
     let (_root, dirs) = three_folders();
     let net = Network::start(&dirs.iter().map(|d| d.as_path()).collect::<Vec<_>>());
-    let out = client(net.relay.addr, &[], "file2.txt\nnowhere.txt\n\nfile3.txt\nquit\nfile1.txt\n");
+    let out = client(
+        net.relay.addr,
+        &[],
+        "file2.txt\nnowhere.txt\n\nfile3.txt\nquit\nfile1.txt\n",
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     // Content on stdout only, in order; `quit` ends before file1.
     assert_eq!(stdout(&out), "content of file 2\ncontent of file 3\n");
     let err = stderr(&out);
     assert!(err.contains("3 live peers"), "{err}");
-    assert!(err.contains("\"nowhere.txt\" not found on any of 3 peers"), "{err}");
+    assert!(
+        err.contains("\"nowhere.txt\" not found on any of 3 peers"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -75,7 +92,9 @@ fn the_interactive_client_ends_at_end_of_input() {
 fn binary_empty_and_oddly_named_files_arrive_byte_exact() {
     let dir = tempfile::tempdir().unwrap();
     // Every byte value, zeros included, over several read buffers.
-    let binary: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let binary: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let files: Vec<(&str, Vec<u8>)> = vec![
         ("blob.bin", binary),
         ("empty", Vec::new()),
@@ -99,7 +118,10 @@ fn binary_empty_and_oddly_named_files_arrive_byte_exact() {
         let saved = out_dir.path().join("saved");
         let out = net.client(&["get", name, "-o", saved.to_str().unwrap()]);
         assert!(out.status.success(), "{name}: {}", stderr(&out));
-        assert!(fs::read(&saved).unwrap() == *content, "{name}: saved file differs");
+        assert!(
+            fs::read(&saved).unwrap() == *content,
+            "{name}: saved file differs"
+        );
     }
     // Nothing but the saved file is left in the folder.
     assert_eq!(fs::read_dir(out_dir.path()).unwrap().count(), 1);
@@ -112,9 +134,17 @@ fn output_into_a_folder_keeps_the_file_name() {
     fs::write(dir.path().join("docs/guide.txt"), "guide\n").unwrap();
     let net = Network::start(&[dir.path()]);
     let out_dir = tempfile::tempdir().unwrap();
-    let out = net.client(&["get", "docs/guide.txt", "-o", out_dir.path().to_str().unwrap()]);
+    let out = net.client(&[
+        "get",
+        "docs/guide.txt",
+        "-o",
+        out_dir.path().to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(fs::read_to_string(out_dir.path().join("guide.txt")).unwrap(), "guide\n");
+    assert_eq!(
+        fs::read_to_string(out_dir.path().join("guide.txt")).unwrap(),
+        "guide\n"
+    );
 }
 
 #[test]
@@ -123,7 +153,8 @@ fn a_peer_that_registers_again_is_listed_once() {
     let relay = Server::relay(&[]);
     let peer = Server::peer(relay.addr, dir.path(), &["--heartbeat", "1"]);
     eventually("the peer has sent a few heartbeats", || {
-        peer.log().matches("REGISTERED").count() >= 3 || relay.log().matches("refreshed").count() >= 2
+        peer.log().matches("REGISTERED").count() >= 3
+            || relay.log().matches("refreshed").count() >= 2
     });
     assert_eq!(live_peers(relay.addr).len(), 1);
 }

@@ -1,0 +1,299 @@
+//! Peers that die, freeze or lie, a relay that restarts, transfers cut off
+//! half way: the client gets its file or a clear error, never a hang.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::harness::{
+    bin, client, eventually, live_peers, raw_exchange, stderr, stdout, wait_output, Network, Server,
+};
+
+fn folder_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        fs::write(dir.path().join(name), content).unwrap();
+    }
+    dir
+}
+
+/// Content that differs at every offset, so a resume at the wrong byte shows.
+fn big_content(len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+        .collect()
+}
+
+#[test]
+fn a_killed_peer_is_skipped_with_a_reason() {
+    let a = folder_with(&[("a.txt", b"from a\n")]);
+    let b = folder_with(&[]);
+    let net = Network::start(&[a.path(), b.path()]);
+    let dead = net.peers[1].addr;
+    net.peers[1].signal("KILL");
+
+    // Whatever order the relay gives, the file arrives.
+    let out = net.client(&["get", "a.txt"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from a\n");
+    // Asking every peer shows the dead one skipped, and why.
+    let out = net.client(&["get", "nowhere.txt"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("peer {dead}: connection refused")),
+        "{err}"
+    );
+    assert!(
+        err.contains("not found on any of 2 peers (1 of them could not be asked)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_frozen_peer_is_skipped_after_the_timeout() {
+    let a = folder_with(&[("a.txt", b"from a\n")]);
+    let b = folder_with(&[]);
+    let net = Network::start(&[a.path(), b.path()]);
+    let frozen = net.peers[1].addr;
+    net.peers[1].signal("STOP");
+
+    let started = Instant::now();
+    let out = net.client(&["--timeout", "1", "get", "nowhere.txt"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("peer {frozen}: timed out")),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = net.client(&["--timeout", "1", "get", "a.txt"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from a\n");
+}
+
+#[test]
+fn a_silent_peer_expires_after_the_ttl() {
+    let dir = folder_with(&[]);
+    let relay = Server::relay(&["--ttl", "1"]);
+    let peer = Server::peer(relay.addr, dir.path(), &["--heartbeat", "60"]);
+    eventually("the peer is listed", || live_peers(relay.addr).len() == 1);
+    eventually("the peer has expired", || live_peers(relay.addr).is_empty());
+    eventually("the relay logged it", || {
+        relay.log().contains(&format!("expired {}", peer.addr))
+    });
+    assert!(
+        peer.log()
+            .contains("heartbeat of 60s is not shorter than the relay's ttl of 1s"),
+        "{}",
+        peer.log()
+    );
+}
+
+#[test]
+fn heartbeats_keep_a_peer_listed_past_the_ttl() {
+    let dir = folder_with(&[]);
+    let relay = Server::relay(&["--ttl", "2"]);
+    let _peer = Server::peer(relay.addr, dir.path(), &["--heartbeat", "1"]);
+    eventually("the peer is listed", || live_peers(relay.addr).len() == 1);
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert_eq!(live_peers(relay.addr).len(), 1);
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn sigterm_unregisters_the_peer_at_once() {
+    let dir = folder_with(&[]);
+    let mut net = Network::start(&[dir.path()]);
+    let peer = &mut net.peers[0];
+    peer.signal("TERM");
+    assert_eq!(peer.wait_exit(), Some(0), "{}", peer.log());
+    assert!(
+        peer.log().contains("unregistered from relay"),
+        "{}",
+        peer.log()
+    );
+    // The TTL is 90 s: only the unregistration can have removed it.
+    assert!(live_peers(net.relay.addr).is_empty());
+}
+
+#[test]
+fn peers_come_back_after_a_relay_restart() {
+    let dir = folder_with(&[("a.txt", b"a\n")]);
+    let relay = Server::relay(&[]);
+    let port = relay.port();
+    let peer = Server::peer(relay.addr, dir.path(), &["--heartbeat", "1"]);
+    eventually("the peer is listed", || live_peers(relay.addr).len() == 1);
+    drop(relay);
+    eventually("the peer notices", || {
+        peer.log().contains("cannot register with relay")
+    });
+
+    let restarted = Instant::now();
+    let relay = Server::start("relay-server", &[&port, "--bind", "127.0.0.1"]);
+    eventually("the peer is back", || {
+        live_peers(relay.addr)
+            == vec![protocol::PeerAddr::new(peer.addr.ip(), peer.addr.port()).unwrap()]
+    });
+    assert!(
+        restarted.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        restarted.elapsed()
+    );
+    let out = client(relay.addr, &["get", "a.txt"], "");
+    assert_eq!(stdout(&out), "a\n", "{}", stderr(&out));
+}
+
+#[test]
+fn a_peer_restarted_on_the_same_address_is_listed_once() {
+    let dir = folder_with(&[]);
+    let relay = Server::relay(&[]);
+    let first = Server::peer(relay.addr, dir.path(), &[]);
+    let port = first.port();
+    eventually("the peer is listed", || live_peers(relay.addr).len() == 1);
+    first.signal("KILL");
+    drop(first);
+    let second = Server::peer(relay.addr, dir.path(), &["--port", &port]);
+    eventually("the new peer registered", || {
+        relay.log().matches("REGISTER").count() >= 2
+    });
+    assert_eq!(live_peers(relay.addr).len(), 1);
+    assert_eq!(live_peers(relay.addr)[0].port(), second.addr.port());
+}
+
+#[test]
+fn a_transfer_cut_off_half_way_resumes_from_another_peer() {
+    let content = big_content(48 << 20);
+    let a = folder_with(&[("big.bin", &content)]);
+    let b = folder_with(&[("big.bin", &content)]);
+    let net = Network::start(&[a.path(), b.path()]);
+
+    // Nobody reads the client's stdout yet, so it stalls and so does the
+    // peer sending to it, half way through.
+    let mut child = Command::new(bin("peer-client"))
+        .args(["127.0.0.1", &net.relay.port(), "get", "big.bin"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sending = None;
+    eventually("a peer is sending", || {
+        sending = net.peers.iter().position(|p| p.log().contains("sending"));
+        sending.is_some()
+    });
+    let victim = &net.peers[sending.unwrap()];
+    victim.signal("KILL");
+    let survivor = &net.peers[1 - sending.unwrap()];
+
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    let output = wait_output(child);
+    let err = stderr(&output);
+    assert!(output.status.success(), "{err}");
+    assert!(
+        out == content,
+        "content differs after resume ({} of {} bytes)",
+        out.len(),
+        content.len()
+    );
+    assert!(err.contains(&format!("peer {}:", victim.addr)), "{err}");
+    // The survivor was asked for the rest, not the whole file.
+    let resumed = survivor.log();
+    let line = resumed
+        .lines()
+        .find(|l| l.contains("GET \"big.bin\" from"))
+        .expect("survivor served");
+    assert!(!line.contains("from 0:"), "{line}");
+}
+
+/// A fake peer that answers every request with `reply`, registered with `relay`.
+fn liar(relay: SocketAddr, reply: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            let _ = stream.write_all(&reply);
+        }
+    });
+    let reply = raw_exchange(
+        relay,
+        format!("RP2P/1 REGISTER {}\n", addr.port()).as_bytes(),
+    );
+    assert!(reply.starts_with(b"REGISTERED"));
+    addr
+}
+
+#[test]
+fn corrupt_content_is_discarded_and_fetched_again_elsewhere() {
+    let content = b"the real content\n";
+    let good = folder_with(&[("f.txt", content)]);
+    let net = Network::start(&[good.path()]);
+    let mut lie = format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
+    lie.extend_from_slice(b"the FAKE content\n");
+    let liar = liar(net.relay.addr, lie);
+    eventually("both are listed", || live_peers(net.relay.addr).len() == 2);
+
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest = dest_dir.path().join("f.txt");
+    // Random order: run a few times so that the liar comes first at least once.
+    let mut saw_liar = false;
+    for _ in 0..12 {
+        let out = net.client(&["get", "f.txt", "-o", dest.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(fs::read(&dest).unwrap(), content);
+        saw_liar |= stderr(&out).contains(&format!("peer {liar}: content does not match its hash"));
+    }
+    assert!(saw_liar, "the corrupt peer was never asked first");
+    assert_eq!(
+        fs::read_dir(dest_dir.path()).unwrap().count(),
+        1,
+        "temporary files left behind"
+    );
+}
+
+#[test]
+fn a_failed_fetch_leaves_an_existing_file_alone() {
+    let net = Network::start(&[]);
+    let size = 1000;
+    let mut lie = format!("FILE {size} {}\n", blake3::hash(b"x")).into_bytes();
+    lie.extend_from_slice(&[b'x'; 300]);
+    liar(net.relay.addr, lie);
+    eventually("the liar is listed", || {
+        live_peers(net.relay.addr).len() == 1
+    });
+
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest = dest_dir.path().join("keep.txt");
+    fs::write(&dest, "precious").unwrap();
+    for name in ["cut.bin", "nowhere.txt"] {
+        let out = net.client(&["--timeout", "2", "get", name, "-o", dest.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("transfer stopped at 300 of 1000 bytes"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(fs::read_to_string(&dest).unwrap(), "precious");
+    assert_eq!(
+        fs::read_dir(dest_dir.path()).unwrap().count(),
+        1,
+        "temporary files left behind"
+    );
+}
