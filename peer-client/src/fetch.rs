@@ -272,3 +272,162 @@ fn restart(sink: &mut dyn Sink, name: &FileName) -> Result<bool, FetchError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        io::{BufRead, BufReader, Write},
+        net::TcpListener,
+        sync::mpsc,
+        thread,
+    };
+
+    /// A fake peer answering each request line with what `answer` returns.
+    /// The request lines it saw arrive on the returned channel.
+    fn fake_peer(answer: impl Fn(&str) -> Vec<u8> + Send + 'static) -> (PeerAddr, mpsc::Receiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for stream in listener.incoming().take(8) {
+                let Ok(mut stream) = stream else { continue };
+                let mut line = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut line);
+                let _ = stream.write_all(&answer(line.trim_end()));
+                let _ = tx.send(line.trim_end().to_string());
+            }
+        });
+        (addr, rx)
+    }
+
+    /// A well-behaved peer holding `content`, honouring offsets.
+    fn honest(content: &'static [u8]) -> impl Fn(&str) -> Vec<u8> {
+        move |line| {
+            let offset: usize = line.split(' ').nth(3).map_or(0, |o| o.parse().unwrap());
+            let mut reply = format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
+            reply.extend_from_slice(&content[offset..]);
+            reply
+        }
+    }
+
+    /// A peer that has `content` but breaks off after `cut` bytes.
+    fn cut_off(content: &'static [u8], cut: usize) -> impl Fn(&str) -> Vec<u8> {
+        move |_| {
+            let mut reply = format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
+            reply.extend_from_slice(&content[..cut]);
+            reply
+        }
+    }
+
+    fn missing(_: &str) -> Vec<u8> {
+        b"ERR not-found no file\n".to_vec()
+    }
+
+    struct Memory {
+        data: Vec<u8>,
+        restartable: bool,
+    }
+
+    impl Sink for Memory {
+        fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+            self.data.extend_from_slice(buf);
+            Ok(())
+        }
+        fn restart(&mut self) -> io::Result<bool> {
+            if self.restartable {
+                self.data.clear();
+            }
+            Ok(self.restartable)
+        }
+    }
+
+    fn fetch(peers: &[PeerAddr], restartable: bool) -> (Result<Fetched, FetchError>, Vec<u8>, Vec<String>) {
+        let mut notes = Vec::new();
+        let mut sink = Memory { data: Vec::new(), restartable };
+        let result = Fetcher {
+            timeout: Duration::from_secs(5),
+            note: &mut |line| notes.push(line.to_string()),
+            progress: &mut (),
+        }
+        .fetch(peers, &FileName::new("f.bin").unwrap(), &mut sink);
+        (result, sink.data, notes)
+    }
+
+    const CONTENT: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+
+    #[test]
+    fn a_broken_transfer_resumes_at_the_next_peer_from_the_same_byte() {
+        let (first, _) = fake_peer(cut_off(CONTENT, 10));
+        let (second, requests) = fake_peer(honest(CONTENT));
+        let (result, data, notes) = fetch(&[first, second], false);
+        assert_eq!(result.unwrap().peer, second);
+        assert_eq!(data, CONTENT);
+        assert_eq!(requests.recv().unwrap(), "RP2P/1 GET f.bin 10");
+        assert_eq!(notes, [format!("peer {first}: connection closed at 10 of 36 bytes")]);
+    }
+
+    #[test]
+    fn a_peer_with_other_content_is_not_used_to_resume_stdout() {
+        let (first, _) = fake_peer(cut_off(CONTENT, 10));
+        let (other, _) = fake_peer(honest(b"something else entirely"));
+        let (last, _) = fake_peer(honest(CONTENT));
+        let (result, data, notes) = fetch(&[first, other, last], false);
+        assert_eq!(result.unwrap().peer, last);
+        assert_eq!(data, CONTENT);
+        assert!(notes[1].contains("has another version"), "{notes:?}");
+    }
+
+    #[test]
+    fn a_restartable_sink_starts_over_with_the_other_version() {
+        let (first, _) = fake_peer(cut_off(CONTENT, 10));
+        let (other, _) = fake_peer(honest(b"something else entirely"));
+        let (result, data, _) = fetch(&[first, other], true);
+        assert_eq!(result.unwrap().peer, other);
+        assert_eq!(data, b"something else entirely");
+    }
+
+    #[test]
+    fn corrupt_content_fails_where_it_cannot_be_taken_back() {
+        let (liar, _) = fake_peer(|_| {
+            let mut reply = format!("FILE {} {}\n", CONTENT.len(), blake3::hash(CONTENT)).into_bytes();
+            reply.extend_from_slice(&[b'x'; 36]);
+            reply
+        });
+        let (honest_peer, _) = fake_peer(honest(CONTENT));
+        let (result, _, _) = fetch(&[liar, honest_peer], false);
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("content does not match its hash"), "{err}");
+        // Into a file it is thrown away and fetched again.
+        let (result, data, _) = fetch(&[liar, honest_peer], true);
+        assert!(result.is_ok());
+        assert_eq!(data, CONTENT);
+    }
+
+    #[test]
+    fn not_found_and_unreachable_are_told_apart() {
+        let (a, _) = fake_peer(missing);
+        let (b, _) = fake_peer(missing);
+        let (result, _, _) = fetch(&[a, b], false);
+        let err = result.unwrap_err();
+        assert!(err.is_not_found());
+        assert_eq!(err.to_string(), "\"f.bin\" not found on any of 2 peers");
+
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let dead: PeerAddr = closed.to_string().parse().unwrap();
+        let (result, _, notes) = fetch(&[dead], false);
+        let err = result.unwrap_err();
+        assert!(!err.is_not_found());
+        assert_eq!(notes, [format!("peer {dead}: connection refused")]);
+    }
+
+    #[test]
+    fn a_peer_that_lies_about_the_protocol_is_skipped() {
+        let (liar, _) = fake_peer(|_| b"HELLO there\n".to_vec());
+        let (good, _) = fake_peer(honest(CONTENT));
+        let (result, data, notes) = fetch(&[liar, good], false);
+        assert!(result.is_ok());
+        assert_eq!(data, CONTENT);
+        assert!(notes[0].contains("bad reply: unexpected reply \"HELLO there\""), "{notes:?}");
+    }
+}
