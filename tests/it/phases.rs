@@ -169,3 +169,12 @@ fn with_no_peers_a_fetch_says_so() {
     assert!(out.status.success());
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn an_advertised_address_replaces_the_one_the_relay_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Server::relay(&[]);
+    let peer = Server::peer(relay.addr, dir.path(), &["--advertise", "127.0.0.5"]);
+    eventually("the peer is listed", || !live_peers(relay.addr).is_empty());
+    assert_eq!(live_peers(relay.addr)[0].to_string(), format!("127.0.0.5:{}", peer.addr.port()));
+}
