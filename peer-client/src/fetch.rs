@@ -285,7 +285,9 @@ mod tests {
 
     /// A fake peer answering each request line with what `answer` returns.
     /// The request lines it saw arrive on the returned channel.
-    fn fake_peer(answer: impl Fn(&str) -> Vec<u8> + Send + 'static) -> (PeerAddr, mpsc::Receiver<String>) {
+    fn fake_peer(
+        answer: impl Fn(&str) -> Vec<u8> + Send + 'static,
+    ) -> (PeerAddr, mpsc::Receiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string().parse().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -305,7 +307,8 @@ mod tests {
     fn honest(content: &'static [u8]) -> impl Fn(&str) -> Vec<u8> {
         move |line| {
             let offset: usize = line.split(' ').nth(3).map_or(0, |o| o.parse().unwrap());
-            let mut reply = format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
+            let mut reply =
+                format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
             reply.extend_from_slice(&content[offset..]);
             reply
         }
@@ -314,7 +317,8 @@ mod tests {
     /// A peer that has `content` but breaks off after `cut` bytes.
     fn cut_off(content: &'static [u8], cut: usize) -> impl Fn(&str) -> Vec<u8> {
         move |_| {
-            let mut reply = format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
+            let mut reply =
+                format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
             reply.extend_from_slice(&content[..cut]);
             reply
         }
@@ -342,9 +346,15 @@ mod tests {
         }
     }
 
-    fn fetch(peers: &[PeerAddr], restartable: bool) -> (Result<Fetched, FetchError>, Vec<u8>, Vec<String>) {
+    fn fetch(
+        peers: &[PeerAddr],
+        restartable: bool,
+    ) -> (Result<Fetched, FetchError>, Vec<u8>, Vec<String>) {
         let mut notes = Vec::new();
-        let mut sink = Memory { data: Vec::new(), restartable };
+        let mut sink = Memory {
+            data: Vec::new(),
+            restartable,
+        };
         let result = Fetcher {
             timeout: Duration::from_secs(5),
             note: &mut |line| notes.push(line.to_string()),
@@ -364,7 +374,10 @@ mod tests {
         assert_eq!(result.unwrap().peer, second);
         assert_eq!(data, CONTENT);
         assert_eq!(requests.recv().unwrap(), "RP2P/1 GET f.bin 10");
-        assert_eq!(notes, [format!("peer {first}: connection closed at 10 of 36 bytes")]);
+        assert_eq!(
+            notes,
+            [format!("peer {first}: connection closed at 10 of 36 bytes")]
+        );
     }
 
     #[test]
@@ -390,14 +403,18 @@ mod tests {
     #[test]
     fn corrupt_content_fails_where_it_cannot_be_taken_back() {
         let (liar, _) = fake_peer(|_| {
-            let mut reply = format!("FILE {} {}\n", CONTENT.len(), blake3::hash(CONTENT)).into_bytes();
+            let mut reply =
+                format!("FILE {} {}\n", CONTENT.len(), blake3::hash(CONTENT)).into_bytes();
             reply.extend_from_slice(&[b'x'; 36]);
             reply
         });
         let (honest_peer, _) = fake_peer(honest(CONTENT));
         let (result, _, _) = fetch(&[liar, honest_peer], false);
         let err = result.unwrap_err();
-        assert!(err.to_string().contains("content does not match its hash"), "{err}");
+        assert!(
+            err.to_string().contains("content does not match its hash"),
+            "{err}"
+        );
         // Into a file it is thrown away and fetched again.
         let (result, data, _) = fetch(&[liar, honest_peer], true);
         assert!(result.is_ok());
@@ -413,7 +430,10 @@ mod tests {
         assert!(err.is_not_found());
         assert_eq!(err.to_string(), "\"f.bin\" not found on any of 2 peers");
 
-        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let dead: PeerAddr = closed.to_string().parse().unwrap();
         let (result, _, notes) = fetch(&[dead], false);
         let err = result.unwrap_err();
@@ -428,6 +448,9 @@ mod tests {
         let (result, data, notes) = fetch(&[liar, good], false);
         assert!(result.is_ok());
         assert_eq!(data, CONTENT);
-        assert!(notes[0].contains("bad reply: unexpected reply \"HELLO there\""), "{notes:?}");
+        assert!(
+            notes[0].contains("bad reply: unexpected reply \"HELLO there\""),
+            "{notes:?}"
+        );
     }
 }

@@ -72,6 +72,17 @@ fn read_reply_line<R: std::io::BufRead + ?Sized>(r: &mut R) -> Result<String, Pr
     read_line(r, MAX_LINE)?.ok_or(ProtocolError::Closed)
 }
 
+/// Encodes a message in memory, then sends it with one `write_all`, so that
+/// it leaves in as few packets as possible even on an unbuffered socket.
+fn write_whole<W: std::io::Write + ?Sized>(
+    w: &mut W,
+    encode: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(128);
+    encode(&mut buf)?;
+    w.write_all(&buf)
+}
+
 /// Reads `count` lines after a list header and parses each one.
 fn read_items<R, T>(
     r: &mut R,

@@ -4,8 +4,8 @@
 use std::io::{self, BufRead, Write};
 
 use crate::{
-    parse_num, read_items, read_line, read_reply_line, split_request, ContentHash, ErrorReply,
-    FileName, ProtocolError, MAX_LINE, VERSION,
+    parse_num, read_items, read_line, read_reply_line, split_request, write_whole, ContentHash,
+    ErrorReply, FileName, ProtocolError, MAX_LINE, VERSION,
 };
 
 /// The most entries a `FILES` reply may carry; peers list no more than this.
@@ -49,9 +49,7 @@ impl Request {
     /// Writes the message with a single `write_all`, so that it leaves in
     /// as few packets as possible.
     pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(64);
-        self.encode(&mut buf)?;
-        w.write_all(&buf)
+        write_whole(w, |buf| self.encode(buf))
     }
 
     fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
@@ -115,9 +113,7 @@ impl Response {
     /// few packets as possible; for `File` only the header (the caller
     /// streams the content).
     pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(128);
-        self.encode(&mut buf)?;
-        w.write_all(&buf)
+        write_whole(w, |buf| self.encode(buf))
     }
 
     fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {

@@ -7,8 +7,8 @@ use std::{
 };
 
 use crate::{
-    error::is_token, parse_num, read_items, read_line, read_reply_line, split_request, ErrorReply,
-    PeerAddr, ProtocolError, MAX_LINE, VERSION,
+    error::is_token, parse_num, read_items, read_line, read_reply_line, split_request, write_whole,
+    ErrorReply, PeerAddr, ProtocolError, MAX_LINE, VERSION,
 };
 
 /// The most peers a `PEERS` reply may carry; relays sample down to this.
@@ -67,9 +67,7 @@ impl Request {
     /// Writes the message with a single `write_all`, so that it leaves in
     /// as few packets as possible.
     pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(64);
-        self.encode(&mut buf)?;
-        w.write_all(&buf)
+        write_whole(w, |buf| self.encode(buf))
     }
 
     fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
@@ -123,9 +121,7 @@ impl Response {
     /// Writes the message with a single `write_all`, so that it leaves in
     /// as few packets as possible.
     pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(64);
-        self.encode(&mut buf)?;
-        w.write_all(&buf)
+        write_whole(w, |buf| self.encode(buf))
     }
 
     fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {

@@ -176,5 +176,8 @@ fn an_advertised_address_replaces_the_one_the_relay_sees() {
     let relay = Server::relay(&[]);
     let peer = Server::peer(relay.addr, dir.path(), &["--advertise", "127.0.0.5"]);
     eventually("the peer is listed", || !live_peers(relay.addr).is_empty());
-    assert_eq!(live_peers(relay.addr)[0].to_string(), format!("127.0.0.5:{}", peer.addr.port()));
+    assert_eq!(
+        live_peers(relay.addr)[0].to_string(),
+        format!("127.0.0.5:{}", peer.addr.port())
+    );
 }
