@@ -9,7 +9,7 @@ mod listing;
 mod net;
 mod save;
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{io, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use protocol::FileName;
@@ -162,9 +162,14 @@ fn get(relay: &Relay, name: &FileName, output: Option<PathBuf>) -> Result<(), Fa
         progress: &mut (),
     };
     match output {
-        None => {
-            fetcher.fetch(&peers, name, &mut StdoutSink::new())?;
-        }
+        None => match fetcher.fetch(&peers, name, &mut StdoutSink::new()) {
+            // The reader went away (`| head`): not a failure, as for cat.
+            Err(FetchError::Output { source, .. })
+                if source.kind() == io::ErrorKind::BrokenPipe => {}
+            result => {
+                result?;
+            }
+        },
         Some(path) => {
             let mut sink =
                 FileSink::create(&path, name).map_err(|e| Failure::Local(format!("{e:#}")))?;

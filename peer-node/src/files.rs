@@ -11,7 +11,10 @@ use std::{
 };
 
 use anyhow::Context;
-use protocol::{peer::FileEntry, ContentHash, ErrorCode, ErrorReply, FileName};
+use protocol::{
+    peer::{FileEntry, MAX_FILES},
+    ContentHash, ErrorCode, ErrorReply, FileName,
+};
 
 /// How many content hashes are remembered before the cache starts over.
 const HASH_CACHE_LEN: usize = 4096;
@@ -108,6 +111,19 @@ impl Library {
         }
         cache.insert(path.to_path_buf(), (size, modified, hash));
         Ok(hash)
+    }
+
+    /// Computes and caches the hash of every file listed.
+    pub fn warm_up(&self) {
+        let started = std::time::Instant::now();
+        let Ok(entries) = self.list(MAX_FILES) else {
+            return;
+        };
+        let hashed = entries
+            .iter()
+            .filter(|e| self.open_file(&e.name).is_ok())
+            .count();
+        log::info!("files hashed: {hashed}, in {:.1?}", started.elapsed());
     }
 
     /// Every regular file in the folder, sorted by name, at most `limit`.

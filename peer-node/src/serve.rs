@@ -69,6 +69,15 @@ pub fn run(
         write_timeout: config.write_timeout,
         open: AtomicUsize::new(0),
     });
+    {
+        // Hash what is already there, so that the first request for a big
+        // file does not keep its client waiting (and timing out) for it.
+        let peer = Arc::clone(&peer);
+        thread::Builder::new()
+            .name("warm-up".into())
+            .spawn(move || peer.library.warm_up())
+            .context("cannot start the hashing thread")?;
+    }
 
     for stream in listener.incoming() {
         if shutdown.is_triggered() {

@@ -181,3 +181,24 @@ fn an_advertised_address_replaces_the_one_the_relay_sees() {
         format!("127.0.0.5:{}", peer.addr.port())
     );
 }
+
+#[test]
+fn a_reader_that_stops_early_is_not_an_error() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("big.bin"), vec![7u8; 16 << 20]).unwrap();
+    let net = Network::start(&[dir.path()]);
+    // Like `peer-client ... get big.bin | head -c 10`.
+    let mut child = std::process::Command::new(crate::harness::bin("peer-client"))
+        .args(["127.0.0.1", &net.relay.port(), "get", "big.bin"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    let out = crate::harness::wait_output(child);
+    assert_eq!(head, [7u8; 10]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stderr.is_empty(), "{}", stderr(&out));
+}
