@@ -5,3 +5,4 @@ mod cli;
 mod harness;
 mod paths;
 mod phases;
+mod ux;
