@@ -1,7 +1,7 @@
 //! The accept loop and the handling of one connection: one request, one reply.
 
 use std::{
-    io::{BufReader, BufWriter, Read, Write},
+    io::{BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -175,11 +175,14 @@ fn handle(relay: &Relay, stream: TcpStream) {
             (format!("bad request: {e}"), Response::Error((&e).into()))
         }
     };
-    let mut writer = BufWriter::new(&stream);
-    let sent = response.write_to(&mut writer).and_then(|()| writer.flush());
-    let elapsed = started.elapsed();
+    // Built in memory (at most 1000 short lines) so that its size can be logged.
+    let mut reply = Vec::new();
+    let sent = response
+        .write_to(&mut reply)
+        .and_then(|()| (&stream).write_all(&reply));
+    let (elapsed, bytes) = (started.elapsed(), reply.len());
     match sent {
-        Ok(()) => info!("{remote} {summary} ({elapsed:.1?})"),
+        Ok(()) => info!("{remote} {summary}: {bytes} bytes ({elapsed:.1?})"),
         Err(e) => info!("{remote} {summary}, reply not delivered: {e} ({elapsed:.1?})"),
     }
 }

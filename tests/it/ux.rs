@@ -147,6 +147,24 @@ fn json_lines_have_the_documented_shapes() {
 fn exit_codes_follow_the_documented_scheme() {
     let (_a, _b, net) = two_peers();
     assert_eq!(net.client(&["get", "alpha.txt"]).status.code(), Some(0));
+    // One log line per request: who, what, outcome, bytes, how long.
+    let logged = |server: &Server, needle: &str| {
+        server.log().lines().any(|l| {
+            l.contains("INFO")
+                && l.contains("127.0.0.1:")
+                && l.contains(needle)
+                && l.contains(" bytes (")
+                && l.ends_with("s)")
+        })
+    };
+    eventually("the relay logs the lookup", || {
+        logged(&net.relay, "PEERS -> 2: ")
+    });
+    eventually("a peer logs the transfer", || {
+        net.peers
+            .iter()
+            .any(|p| logged(p, "GET \"alpha.txt\" from 0: sent 6 bytes"))
+    });
     assert_eq!(net.client(&["get", "nowhere.txt"]).status.code(), Some(1));
     assert_eq!(net.client(&["ls", "--no-such-flag"]).status.code(), Some(2));
     assert_eq!(net.client(&["get", "../escape"]).status.code(), Some(2));
