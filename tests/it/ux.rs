@@ -350,3 +350,32 @@ fn the_line_editor_completes_names_and_keeps_stdout_for_content() {
     assert_eq!(written.lines().last(), Some("the content"), "{written:?}");
     assert!(!written.contains("> "), "prompt on stdout: {written:?}");
 }
+
+#[test]
+fn completions_and_man_pages_need_no_other_arguments() {
+    for name in ["relay-server", "peer-node", "peer-client"] {
+        let run = |args: &[&str]| {
+            // Settings in the environment must not get in the way.
+            let env = [
+                ("RELAY_PORT", "1"),
+                ("PEER_DIR", "/"),
+                ("PEER_CLIENT_RELAY_HOST", "x"),
+            ];
+            shell(
+                &format!("'{}' {}", bin(name).display(), args.join(" ")),
+                &env,
+            )
+        };
+        let out = run(&["--completions", "bash"]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        assert!(
+            stdout(&out).contains(&format!("complete -F _{}", name.replace('-', "__"))),
+            "{name}"
+        );
+        let out = run(&["--man"]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        assert!(stdout(&out).contains(&format!(".TH {name} 1")), "{name}");
+        let out = run(&["--completions", "nushell"]);
+        assert_eq!(out.status.code(), Some(2), "{name}");
+    }
+}
