@@ -61,7 +61,8 @@ impl Progress for Bar {
         self.bar.inc(bytes);
         if self.wanted && !self.shown && self.started.is_some_and(|t| t.elapsed() >= MOMENT) {
             self.shown = true;
-            // Rate and ETA from here on: the first moment includes connecting.
+            // Rate and ETA from here on: the estimator weighs old samples long, and
+            // a slow first moment (a reader that waits) would skew them for minutes.
             self.bar.reset_eta();
             self.bar.set_draw_target(ProgressDrawTarget::stderr());
         }
