@@ -1,18 +1,26 @@
 //! The interactive client: ask the relay who is live, then fetch file
-//! after file by name. Prompts and status go to stderr, content to stdout.
+//! after file by name. Prompts and status go to stderr (or the terminal),
+//! content to stdout.
 
-use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::io::{self, IsTerminal};
 
 use protocol::{FileName, PeerAddr};
 
-use crate::{discover::Relay, fetch::Fetcher, listing, save::StdoutSink, Failure};
-
-/// Longest input line accepted.
-const MAX_INPUT: usize = 64 * 1024;
+use crate::{
+    complete::Catalog,
+    discover::Relay,
+    fetch::Fetcher,
+    input::Input,
+    listing,
+    print::{self, Format},
+    progress::Bar,
+    save::StdoutSink,
+    Failure,
+};
 
 const HELP: &str = "\
 commands:
-  NAME          print the file NAME (same as: get NAME)
+  NAME          print the file NAME (same as: get NAME); Tab completes names
   get NAME      print the file NAME
   ls [TEXT]     list the files on the live peers (names containing TEXT)
   peers         list the live peers
@@ -25,22 +33,12 @@ pub fn run(relay: &Relay) -> Result<(), Failure> {
         "{} live peers via relay {relay}; type a file name, or help",
         peers.len()
     );
-    let stdin = io::stdin();
-    let mut input = stdin.lock();
-    loop {
-        eprint!("> ");
-        let _ = io::stderr().flush();
-        let mut line = String::new();
-        match (&mut input).take(MAX_INPUT as u64).read_line(&mut line) {
-            Ok(0) => break,
-            Ok(_) if line.len() == MAX_INPUT && !line.ends_with('\n') => {
-                return Err(Failure::Local(format!(
-                    "input line longer than {MAX_INPUT} bytes"
-                )))
-            }
-            Ok(_) => {}
-            Err(e) => return Err(Failure::Local(format!("cannot read input: {e}"))),
-        }
+    let catalog = Catalog::default();
+    let mut input = Input::open(relay, &catalog).map_err(|e| Failure::Local(format!("{e:#}")))?;
+    while let Some(line) = input
+        .next_line()
+        .map_err(|e| Failure::Local(format!("{e:#}")))?
+    {
         let line = line.trim();
         let (command, rest) = line
             .split_once(' ')
@@ -51,22 +49,10 @@ pub fn run(relay: &Relay) -> Result<(), Failure> {
             "help" | "?" => eprintln!("{HELP}"),
             "peers" => {
                 refresh(relay, &mut peers);
-                for peer in &peers {
-                    println!("{peer}");
-                }
+                show(print::peers(&mut io::stdout(), &peers, Format::Text));
                 eprintln!("{} live peers", peers.len());
             }
-            "ls" => match listing::collect(relay, Some(rest).filter(|p| !p.is_empty()), &mut |l| {
-                eprintln!("{l}")
-            }) {
-                Ok(files) => {
-                    for file in &files {
-                        println!("{:>12} {:>3} {}", file.size, file.peers, file.name);
-                    }
-                    eprintln!("{} files", files.len());
-                }
-                Err(e) => eprintln!("{e}"),
-            },
+            "ls" => ls(relay, &catalog, rest),
             "get" => get(relay, &mut peers, rest),
             _ => get(relay, &mut peers, line),
         }
@@ -83,6 +69,27 @@ fn refresh(relay: &Relay, peers: &mut Vec<PeerAddr>) {
     }
 }
 
+fn ls(relay: &Relay, catalog: &Catalog, pattern: &str) {
+    let pattern = Some(pattern).filter(|p| !p.is_empty());
+    match listing::collect(relay, pattern, &mut |l| eprintln!("{l}")) {
+        Ok(files) => {
+            if pattern.is_none() {
+                catalog.set(&files);
+            }
+            show(print::files(&mut io::stdout(), &files, Format::Text));
+            eprintln!("{} files", files.len());
+        }
+        Err(e) => eprintln!("{e}"),
+    }
+}
+
+/// A failed write to stdout is reported; the prompt goes on.
+fn show(written: io::Result<()>) {
+    if let Err(e) = written {
+        eprintln!("cannot write to stdout: {e}");
+    }
+}
+
 fn get(relay: &Relay, peers: &mut Vec<PeerAddr>, name: &str) {
     let name = match FileName::new(name) {
         Ok(name) => name,
@@ -90,10 +97,11 @@ fn get(relay: &Relay, peers: &mut Vec<PeerAddr>, name: &str) {
     };
     refresh(relay, peers);
     let mut out = StdoutSink::new();
+    let mut bar = Bar::new(true);
     let result = Fetcher {
         timeout: relay.timeout,
-        note: &mut |line| eprintln!("{line}"),
-        progress: &mut (),
+        note: &mut bar.printer(),
+        progress: &mut bar,
     }
     .fetch(peers, &name, &mut out);
     // Keep the prompt on a line of its own after content without a final newline.

@@ -42,13 +42,6 @@ pub fn collect(
         .collect())
 }
 
-pub fn run(relay: &Relay, pattern: Option<&str>) -> Result<(), Failure> {
-    for file in collect(relay, pattern, &mut |line| eprintln!("{line}"))? {
-        println!("{:>12} {:>3} {}", file.size, file.peers, file.name);
-    }
-    Ok(())
-}
-
 fn list_peer(peer: PeerAddr, relay: &Relay) -> Result<Vec<FileEntry>, String> {
     let stream = net::connect(peer.socket_addr(), relay.timeout).map_err(|e| net::describe(&e))?;
     let mut reply =

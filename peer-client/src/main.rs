@@ -2,21 +2,28 @@
 //! relay and fetches files from them. See PROTOCOL.md.
 #![forbid(unsafe_code)]
 
+mod complete;
 mod discover;
+mod docs;
 mod fetch;
+mod input;
 mod interactive;
 mod listing;
 mod net;
+mod print;
+mod progress;
 mod save;
 
 use std::{io, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{builder::FalseyValueParser, Parser, Subcommand};
 use protocol::FileName;
 
 use crate::{
     discover::{Relay, RelayError},
     fetch::{FetchError, Fetcher},
+    print::Format,
+    progress::Bar,
     save::{FileSink, StdoutSink},
 };
 
@@ -35,8 +42,11 @@ struct Args {
     #[arg(long, env = "PEER_CLIENT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
     /// More log output; RUST_LOG overrides
-    #[arg(short, long)]
+    #[arg(short, long, env = "PEER_CLIENT_VERBOSE", value_parser = FalseyValueParser::new())]
     verbose: bool,
+    /// Answered by `docs::parse`
+    #[command(flatten)]
+    _docs: docs::Docs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -57,14 +67,33 @@ enum Command {
         output: Option<PathBuf>,
     },
     /// Print the live peers, one IP:PORT per line
-    Peers,
+    Peers {
+        /// One JSON object per line: {"addr":"IP:PORT","ip":"IP","port":PORT}
+        #[arg(long)]
+        json: bool,
+    },
     /// List the files on all live peers: size, number of peers, name
     Ls {
-        /// Only names containing this text
+        /// Only names containing this text (plain, case-sensitive substring, not a glob)
         pattern: Option<String>,
+        /// One JSON object per line: {"name":"NAME","size":BYTES,"peers":N}
+        #[arg(long)]
+        json: bool,
     },
-    /// Print the relay's counters
-    Stats,
+    /// Print the relay's counters, one NAME VALUE per line
+    Stats {
+        /// One JSON object of all counters: {"NAME":VALUE,...}
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn format(json: bool) -> Format {
+    if json {
+        Format::Json
+    } else {
+        Format::Text
+    }
 }
 
 fn parse_name(s: &str) -> Result<FileName, String> {
@@ -109,7 +138,7 @@ impl From<FetchError> for Failure {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = docs::parse(4);
     let level = if args.verbose {
         log::LevelFilter::Debug
     } else {
@@ -138,28 +167,39 @@ fn run(args: Args) -> Result<(), Failure> {
     match args.command {
         None => interactive::run(&relay),
         Some(Command::Get { name, output }) => get(&relay, &name, output),
-        Some(Command::Peers) => {
-            for peer in relay.peers()? {
-                println!("{peer}");
-            }
-            Ok(())
+        Some(Command::Peers { json }) => {
+            let peers = relay.peers()?;
+            stdout(print::peers(&mut io::stdout(), &peers, format(json)))
         }
-        Some(Command::Ls { pattern }) => listing::run(&relay, pattern.as_deref()),
-        Some(Command::Stats) => {
-            for (key, value) in relay.stats()? {
-                println!("{key} {value}");
-            }
-            Ok(())
+        Some(Command::Ls { pattern, json }) => {
+            let files =
+                listing::collect(&relay, pattern.as_deref(), &mut |line| eprintln!("{line}"))?;
+            stdout(print::files(&mut io::stdout(), &files, format(json)))
         }
+        Some(Command::Stats { json }) => {
+            let stats = relay.stats()?;
+            stdout(print::stats(&mut io::stdout(), &stats, format(json)))
+        }
+    }
+}
+
+/// A reader that went away (`| head`) is not a failure; a full disk is.
+fn stdout(written: io::Result<()>) -> Result<(), Failure> {
+    match written {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            Err(Failure::Local(format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
     }
 }
 
 fn get(relay: &Relay, name: &FileName, output: Option<PathBuf>) -> Result<(), Failure> {
     let peers = relay.peers()?;
+    let mut bar = Bar::new(output.is_none());
     let mut fetcher = Fetcher {
         timeout: relay.timeout,
-        note: &mut |line| eprintln!("{line}"),
-        progress: &mut (),
+        note: &mut bar.printer(),
+        progress: &mut bar,
     };
     match output {
         None => match fetcher.fetch(&peers, name, &mut StdoutSink::new()) {

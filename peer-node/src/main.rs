@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod announce;
+mod docs;
 mod files;
 mod serve;
 mod shutdown;
@@ -16,7 +17,7 @@ use std::{
 };
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{builder::FalseyValueParser, Parser};
 
 /// Peer of a relay-p2p network: serves the files of one folder.
 #[derive(Parser)]
@@ -52,15 +53,18 @@ struct Args {
     #[arg(long, env = "PEER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
     /// More log output (debug); RUST_LOG overrides
-    #[arg(short, long, conflicts_with = "quiet")]
+    #[arg(short, long, env = "PEER_VERBOSE", value_parser = FalseyValueParser::new(), conflicts_with = "quiet")]
     verbose: bool,
     /// Less log output (warnings and errors only); RUST_LOG overrides
-    #[arg(short, long)]
+    #[arg(short, long, env = "PEER_QUIET", value_parser = FalseyValueParser::new())]
     quiet: bool,
+    /// Answered by `docs::parse`
+    #[command(flatten)]
+    _docs: docs::Docs,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = docs::parse(1);
     init_logging(args.verbose, args.quiet);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,13 +2,14 @@
 //! hands a sample of it to clients. See PROTOCOL.md for what it speaks.
 #![forbid(unsafe_code)]
 
+mod docs;
 mod registry;
 mod serve;
 mod shutdown;
 
 use std::{io::Write, net::IpAddr, net::SocketAddr, process::ExitCode, time::Duration};
 
-use clap::Parser;
+use clap::{builder::FalseyValueParser, Parser};
 
 /// Relay of a relay-p2p network: peers register here, clients ask here who is live.
 #[derive(Parser)]
@@ -36,15 +37,18 @@ struct Args {
     #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     idle_timeout: u64,
     /// More log output (debug); RUST_LOG overrides
-    #[arg(short, long, conflicts_with = "quiet")]
+    #[arg(short, long, env = "RELAY_VERBOSE", value_parser = FalseyValueParser::new(), conflicts_with = "quiet")]
     verbose: bool,
     /// Less log output (warnings and errors only); RUST_LOG overrides
-    #[arg(short, long)]
+    #[arg(short, long, env = "RELAY_QUIET", value_parser = FalseyValueParser::new())]
     quiet: bool,
+    /// Answered by `docs::parse`
+    #[command(flatten)]
+    _docs: docs::Docs,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = docs::parse(1);
     init_logging(args.verbose, args.quiet);
     let config = serve::Config {
         bind: SocketAddr::new(args.bind, args.port),

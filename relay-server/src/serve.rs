@@ -1,7 +1,7 @@
 //! The accept loop and the handling of one connection: one request, one reply.
 
 use std::{
-    io::{self, BufRead, BufReader, Read},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -161,10 +161,14 @@ fn handle(relay: &Relay, stream: TcpStream) {
     let Some((summary, response)) = relay.respond(&mut input, remote.ip()) else {
         return debug!("{remote}: closed without a request");
     };
-    let sent = response.write_to(&mut &stream);
-    let elapsed = started.elapsed();
+    // Built in memory (at most 1000 short lines) so that its size can be logged.
+    let mut reply = Vec::new();
+    let sent = response
+        .write_to(&mut reply)
+        .and_then(|()| (&stream).write_all(&reply));
+    let (elapsed, bytes) = (started.elapsed(), reply.len());
     match sent {
-        Ok(()) => info!("{remote} {summary} ({elapsed:.1?})"),
+        Ok(()) => info!("{remote} {summary}: {bytes} bytes ({elapsed:.1?})"),
         Err(e) => info!("{remote} {summary}, reply not delivered: {e} ({elapsed:.1?})"),
     }
 }

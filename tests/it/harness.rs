@@ -52,11 +52,17 @@ pub struct Server {
 impl Server {
     /// Starts `bin` with `args` and waits for the address it prints first.
     pub fn start(bin_name: &str, args: &[&str]) -> Server {
+        Server::start_with_env(bin_name, args, &[])
+    }
+
+    /// `start`, with extra environment variables.
+    pub fn start_with_env(bin_name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("stderr.log");
         let mut child = Command::new(bin(bin_name))
             .args(args)
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(fs::File::create(&log).expect("log file"))

@@ -158,6 +158,8 @@ fn over_the_connection_limit_the_answer_is_busy() {
     fs::write(dir.path().join("a.txt"), "a").unwrap();
     let relay = Server::relay(&["--max-connections", "2"]);
     let peer = Server::peer(relay.addr, dir.path(), &["--max-connections", "2"]);
+    // The peer's registration must not take one of the relay's two slots below.
+    crate::harness::eventually("the peer is registered", || live_peers(relay.addr).len() == 1);
     for server in [relay.addr, peer.addr] {
         let held: Vec<_> = (0..2)
             .map(|_| TcpStream::connect(server).unwrap())

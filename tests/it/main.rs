@@ -7,3 +7,4 @@ mod harness;
 mod hostile;
 mod paths;
 mod phases;
+mod ux;

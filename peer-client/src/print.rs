@@ -1,0 +1,72 @@
+//! How results appear on stdout: aligned text for people, or JSON Lines
+//! (one object per line, shapes documented in the README) for scripts.
+
+use std::io::{self, Write};
+
+use protocol::PeerAddr;
+use serde_json::json;
+
+use crate::listing::Listed;
+
+/// Text or JSON Lines.
+#[derive(Clone, Copy)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// One line per peer: `IP:PORT`, or `{"addr":"IP:PORT","ip":"IP","port":PORT}`.
+pub fn peers(out: &mut impl Write, peers: &[PeerAddr], format: Format) -> io::Result<()> {
+    for peer in peers {
+        match format {
+            Format::Text => writeln!(out, "{peer}")?,
+            Format::Json => {
+                let line = json!({
+                    "addr": peer.to_string(),
+                    "ip": peer.ip().to_string(),
+                    "port": peer.port(),
+                });
+                writeln!(out, "{line}")?
+            }
+        }
+    }
+    out.flush()
+}
+
+/// One line per file: size, number of peers, name; or
+/// `{"name":"NAME","size":BYTES,"peers":N}`.
+pub fn files(out: &mut impl Write, files: &[Listed], format: Format) -> io::Result<()> {
+    for file in files {
+        match format {
+            Format::Text => writeln!(out, "{:>12} {:>3} {}", file.size, file.peers, file.name)?,
+            Format::Json => {
+                let line = json!({
+                    "name": file.name.as_str(),
+                    "size": file.size,
+                    "peers": file.peers,
+                });
+                writeln!(out, "{line}")?
+            }
+        }
+    }
+    out.flush()
+}
+
+/// One `NAME VALUE` line per counter, or a single object of all of them.
+pub fn stats(out: &mut impl Write, stats: &[(String, u64)], format: Format) -> io::Result<()> {
+    match format {
+        Format::Text => {
+            for (name, value) in stats {
+                writeln!(out, "{name} {value}")?;
+            }
+        }
+        Format::Json => {
+            let object: serde_json::Map<String, serde_json::Value> = stats
+                .iter()
+                .map(|(name, value)| (name.clone(), (*value).into()))
+                .collect();
+            writeln!(out, "{}", serde_json::Value::Object(object))?;
+        }
+    }
+    out.flush()
+}
