@@ -46,23 +46,12 @@ pub struct Fetched {
 pub enum FetchError {
     #[error("no live peers to ask for {0:?}")]
     NoPeers(String),
-    #[error("{name:?} not found on any of {asked} peers{}", unreachable_note(*.unreachable))]
-    NotFound {
-        name: String,
-        asked: usize,
-        unreachable: usize,
-    },
+    #[error("{name:?} not found on any of {asked} peers")]
+    NotFound { name: String, asked: usize },
     #[error("cannot fetch {name:?}: {reason}")]
     Failed { name: String, reason: String },
     #[error("cannot write {name:?}: {source}")]
     Output { name: String, source: io::Error },
-}
-
-fn unreachable_note(n: usize) -> String {
-    match n {
-        0 => String::new(),
-        n => format!(" ({n} of them could not be asked)"),
-    }
 }
 
 impl FetchError {
@@ -158,15 +147,21 @@ impl Fetcher<'_> {
             }
         }
         self.progress.finish();
-        if !offered && missing > 0 {
-            // Nobody that answered had it.
+        if !offered && skipped.is_empty() {
+            // Every peer answered, and none has it.
             return Err(FetchError::NotFound {
                 name: name.to_string(),
                 asked: peers.len(),
-                unreachable: skipped.len(),
             });
         }
         let reason = match &partial {
+            // A peer that could not be asked may have it: worth a retry,
+            // so not "not found".
+            _ if !offered && missing > 0 => format!(
+                "not found on {missing} of {} peers, and the others could not be asked ({})",
+                peers.len(),
+                skipped.join("; ")
+            ),
             Some(p) if p.received > 0 => format!(
                 "transfer stopped at {} of {} bytes and no other peer could finish it ({})",
                 p.received,
@@ -205,6 +200,11 @@ impl Fetcher<'_> {
         let header = match Response::read_from(&mut reader) {
             Ok(Response::File(header)) => header,
             Ok(Response::Error(e)) if e.code == ErrorCode::NotFound => return Ok(Attempt::Missing),
+            // Asked to resume past the end of the peer's file: it has
+            // another, shorter version.
+            Ok(Response::Error(e)) if offset > 0 && e.code == ErrorCode::BadRequest => {
+                return Ok(Attempt::OtherVersion)
+            }
             Ok(Response::Error(e)) => return Ok(Attempt::Skipped(format!("refused: {e}"))),
             Ok(other) => return Ok(Attempt::Skipped(format!("unexpected reply {other:?}"))),
             Err(ProtocolError::Io(e)) => return Ok(Attempt::Skipped(net::describe(&e))),
@@ -398,6 +398,23 @@ mod tests {
         let (result, data, _) = fetch(&[first, other], true);
         assert_eq!(result.unwrap().peer, other);
         assert_eq!(data, b"something else entirely");
+    }
+
+    #[test]
+    fn a_shorter_other_version_is_recognised_by_its_refusal_to_resume() {
+        let (first, _) = fake_peer(cut_off(CONTENT, 10));
+        let (shorter, requests) = fake_peer(|line: &str| {
+            if line.ends_with(" 10") {
+                b"ERR bad-request offset 10 is past the end\n".to_vec()
+            } else {
+                honest(b"short")(line)
+            }
+        });
+        let (result, data, _) = fetch(&[first, shorter], true);
+        assert_eq!(result.unwrap().peer, shorter);
+        assert_eq!(data, b"short");
+        assert_eq!(requests.recv().unwrap(), "RP2P/1 GET f.bin 10");
+        assert_eq!(requests.recv().unwrap(), "RP2P/1 GET f.bin");
     }
 
     #[test]

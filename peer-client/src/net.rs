@@ -36,19 +36,4 @@ pub fn send(
     Ok(BufReader::with_capacity(64 * 1024, stream))
 }
 
-/// A short, lowercase reason: "timed out" rather than "Resource temporarily
-/// unavailable (os error 11)" for a read timeout, "connection refused" rather
-/// than "Connection refused (os error 111)".
-pub fn describe(e: &io::Error) -> String {
-    use io::ErrorKind::*;
-    if protocol::is_timeout(e) {
-        return "timed out".to_string();
-    }
-    match e.kind() {
-        ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe
-        | AddrNotAvailable | HostUnreachable | NetworkUnreachable | NetworkDown | UnexpectedEof => {
-            e.kind().to_string()
-        }
-        _ => e.to_string(),
-    }
-}
+pub use protocol::describe_io as describe;

@@ -86,18 +86,26 @@ pub struct FileSink {
     /// `None` once committed.
     temp: Option<NamedTempFile>,
     dest: PathBuf,
+    /// The permissions of the file being replaced, kept for its successor.
+    replaced: Option<std::fs::Permissions>,
 }
 
 impl FileSink {
     /// Prepares to save to `dest`; a folder means a file in it named like
     /// the last part of `name`.
     pub fn create(dest: &Path, name: &protocol::FileName) -> anyhow::Result<Self> {
+        // Checked now, not after a long download.
         let dest = if dest.is_dir() {
             let base = name.as_str().rsplit('/').next().unwrap_or(name.as_str());
             dest.join(base)
+        } else if dest.as_os_str().as_encoded_bytes().ends_with(b"/") {
+            anyhow::bail!("cannot save to {}: no such folder", dest.display());
         } else {
             dest.to_path_buf()
         };
+        if dest.is_dir() {
+            anyhow::bail!("cannot save to {}: it is a folder", dest.display());
+        }
         let dir = match dest.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
             _ => PathBuf::from("."),
@@ -106,18 +114,28 @@ impl FileSink {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{base}."))
-            .suffix(".part")
+        let prefix = format!(".{base}.");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix).suffix(".part");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Temporary files are private by default; this one becomes an
+            // ordinary file, so create it as one (the umask applies).
+            builder.permissions(std::fs::Permissions::from_mode(0o666));
+        }
+        let temp = builder
             .tempfile_in(&dir)
             .with_context(|| format!("cannot create a file in {}", dir.display()))?;
         IN_PROGRESS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(temp.path().to_path_buf());
+        let replaced = std::fs::metadata(&dest).ok().map(|m| m.permissions());
         Ok(FileSink {
             temp: Some(temp),
             dest,
+            replaced,
         })
     }
 
@@ -126,14 +144,13 @@ impl FileSink {
         let temp = self.temp.take().context("download already saved")?;
         let dest = self.dest.clone();
         let temp_path = temp.path().to_path_buf();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Temporary files are private; the saved file is an ordinary one.
+        if let Some(permissions) = self.replaced.take() {
             temp.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(0o644))
+                .set_permissions(permissions)
                 .with_context(|| format!("cannot set permissions of {}", temp_path.display()))?;
         }
+        // No fsync, like curl and rsync: the rename keeps a crash or a kill
+        // from leaving half a file, and durability is the file system's.
         temp.persist(&dest)
             .map_err(|e| e.error)
             .with_context(|| format!("cannot save {}", dest.display()))?;

@@ -3,19 +3,25 @@
 //! on the way out.
 
 use std::{
-    io::{BufReader, Write},
+    io::BufReader,
     net::{IpAddr, TcpStream, ToSocketAddrs},
     time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context};
 use log::{info, warn};
-use protocol::relay::{Request, Response};
+use protocol::{
+    describe_io,
+    relay::{Request, Response},
+    ProtocolError,
+};
 
 use crate::shutdown::Shutdown;
 
 /// Longest wait between two attempts while the relay cannot be reached.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest a shutdown waits for the relay to take note.
+const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Announcer {
     /// `host:port` of the relay, resolved again on every attempt.
@@ -34,10 +40,11 @@ impl Announcer {
         let mut backoff = Duration::from_secs(1);
         let mut registered = false;
         loop {
-            let wait = match self.call(Request::Register {
+            let request = Request::Register {
                 port: self.port,
                 host: self.advertise,
-            }) {
+            };
+            let wait = match self.call(request, self.timeout, Some(shutdown)) {
                 Ok(Response::Registered { ttl_secs }) => {
                     if !registered {
                         info!("registered with relay {} (ttl {ttl_secs}s)", self.relay);
@@ -53,6 +60,7 @@ impl Announcer {
                     backoff = Duration::from_secs(1);
                     self.heartbeat
                 }
+                _ if shutdown.is_triggered() => return,
                 outcome => {
                     let why = match outcome {
                         Ok(other) => unexpected(other),
@@ -79,10 +87,13 @@ impl Announcer {
 
     /// Asks the relay to forget this peer at once.
     pub fn unregister(&self) {
-        match self.call(Request::Unregister {
+        // Shutdown must stay quick even with a frozen relay.
+        let timeout = self.timeout.min(UNREGISTER_TIMEOUT);
+        let request = Request::Unregister {
             port: self.port,
             host: self.advertise,
-        }) {
+        };
+        match self.call(request, timeout, None) {
             Ok(Response::Unregistered) => info!("unregistered from relay {}", self.relay),
             Ok(other) => warn!(
                 "cannot unregister from relay {}: {:#}",
@@ -93,29 +104,44 @@ impl Announcer {
         }
     }
 
-    fn call(&self, request: Request) -> anyhow::Result<Response> {
-        let stream = self.connect()?;
-        stream.set_read_timeout(Some(self.timeout))?;
-        stream.set_write_timeout(Some(self.timeout))?;
-        request.write_to(&mut &stream)?;
-        (&stream).flush()?;
-        Ok(Response::read_from(&mut BufReader::new(&stream))?)
+    /// One request to the relay. With `shutdown`, nothing is sent once it
+    /// is triggered, so a late heartbeat cannot undo the unregistration.
+    fn call(
+        &self,
+        request: Request,
+        timeout: Duration,
+        shutdown: Option<&Shutdown>,
+    ) -> anyhow::Result<Response> {
+        let stream = self.connect(timeout)?;
+        if shutdown.is_some_and(Shutdown::is_triggered) {
+            bail!("shutting down");
+        }
+        let exchange = || -> Result<Response, ProtocolError> {
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            request.write_to(&mut &stream)?;
+            Response::read_from(&mut BufReader::new(&stream))
+        };
+        exchange().map_err(|e| match e {
+            ProtocolError::Io(e) => anyhow!("{}", describe_io(&e)),
+            e => e.into(),
+        })
     }
 
-    fn connect(&self) -> anyhow::Result<TcpStream> {
+    fn connect(&self, timeout: Duration) -> anyhow::Result<TcpStream> {
         let addrs = self
             .relay
             .to_socket_addrs()
             .with_context(|| format!("cannot resolve {}", self.relay))?;
         let mut last = None;
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, self.timeout) {
+            match TcpStream::connect_timeout(&addr, timeout) {
                 Ok(stream) => return Ok(stream),
                 Err(e) => last = Some(e),
             }
         }
         match last {
-            Some(e) => Err(e.into()),
+            Some(e) => Err(anyhow!("{}", describe_io(&e))),
             None => bail!("{} has no address", self.relay),
         }
     }

@@ -4,13 +4,18 @@
 use std::{
     collections::HashMap,
     fs::{self, File},
-    io,
+    io::{self, Read},
     path::{Path, PathBuf},
-    sync::Mutex,
-    time::SystemTime,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, TryLockError,
+    },
+    thread,
+    time::{Instant, SystemTime},
 };
 
 use anyhow::Context;
+use log::{debug, info, warn};
 use protocol::{
     peer::{FileEntry, MAX_FILES},
     ContentHash, ErrorCode, ErrorReply, FileName,
@@ -20,13 +25,29 @@ use protocol::{
 const HASH_CACHE_LEN: usize = 4096;
 /// How deep `LIST` descends into subfolders.
 const MAX_DEPTH: usize = 16;
+/// Files up to this size are hashed while their first request waits (about
+/// a second); bigger ones in the background, their requests answered `busy`
+/// meanwhile, rather than left waiting past the client's timeout.
+const INLINE_HASH_MAX: u64 = 1 << 30;
+/// Big files hashed in the background at once.
+const MAX_BACKGROUND_HASHES: usize = 2;
 
 pub struct Library {
     /// Canonical (symlink-free, absolute) path of the served folder.
     root: PathBuf,
     /// Hash of each file as of its size and modification time, so a file
     /// is read for hashing once, not once per request.
-    hashes: Mutex<HashMap<PathBuf, (u64, SystemTime, ContentHash)>>,
+    hashes: Mutex<HashMap<PathBuf, Entry>>,
+    background: Arc<AtomicUsize>,
+    inline_hash_max: u64,
+}
+
+struct Entry {
+    size: u64,
+    modified: SystemTime,
+    /// Filled by whichever request hashes first; the others wait on the
+    /// lock instead of reading the file again.
+    hash: Arc<Mutex<Option<ContentHash>>>,
 }
 
 /// A file ready to be sent.
@@ -46,6 +67,8 @@ impl Library {
         Ok(Library {
             root,
             hashes: Mutex::default(),
+            background: Arc::default(),
+            inline_hash_max: INLINE_HASH_MAX,
         })
     }
 
@@ -56,6 +79,10 @@ impl Library {
     /// Opens `name` if it is a regular file inside the folder once every
     /// symlink is followed; anything else is refused.
     pub fn open_file(&self, name: &FileName) -> Result<Served, ErrorReply> {
+        self.open_hashed(name, false)
+    }
+
+    fn open_hashed(&self, name: &FileName, always_inline: bool) -> Result<Served, ErrorReply> {
         let path = self.resolve(name)?;
         let file = File::open(&path).map_err(|e| io_refusal(name, &e))?;
         // Size and time of the open file itself, not of whatever the path
@@ -66,9 +93,12 @@ impl Library {
         }
         let size = meta.len();
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        let hash = self
-            .hash(&path, &file, size, modified)
-            .map_err(|e| io_refusal(name, &e))?;
+        let slot = self.slot(&path, size, modified);
+        let hash = if size <= self.inline_hash_max || always_inline {
+            hash_into(&slot, &file, size).map_err(|e| io_refusal(name, &e))?
+        } else {
+            self.hash_in_background(name, slot, path, size)?
+        };
         Ok(Served { file, size, hash })
     }
 
@@ -88,42 +118,95 @@ impl Library {
         }
     }
 
-    fn hash(
+    /// The cache entry for this version of the file at `path`.
+    fn slot(
         &self,
         path: &Path,
-        file: &File,
         size: u64,
         modified: SystemTime,
-    ) -> io::Result<ContentHash> {
-        let lock = || self.hashes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(&(s, m, hash)) = lock().get(path) {
-            if (s, m) == (size, modified) {
-                return Ok(hash);
+    ) -> Arc<Mutex<Option<ContentHash>>> {
+        let mut cache = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = cache.get(path) {
+            if (entry.size, entry.modified) == (size, modified) {
+                return Arc::clone(&entry.hash);
             }
         }
-        // Hash without holding the lock: other files keep being served.
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(file)?;
-        let hash = hasher.finalize();
-        let mut cache = lock();
         if cache.len() >= HASH_CACHE_LEN {
             cache.clear();
         }
-        cache.insert(path.to_path_buf(), (size, modified, hash));
-        Ok(hash)
+        let hash = Arc::default();
+        let entry = Entry {
+            size,
+            modified,
+            hash: Arc::clone(&hash),
+        };
+        cache.insert(path.to_path_buf(), entry);
+        hash
+    }
+
+    /// The hash of a big file if known; otherwise starts hashing it (once)
+    /// and answers `busy`.
+    fn hash_in_background(
+        &self,
+        name: &FileName,
+        slot: Arc<Mutex<Option<ContentHash>>>,
+        path: PathBuf,
+        size: u64,
+    ) -> Result<ContentHash, ErrorReply> {
+        let busy = || {
+            ErrorReply::new(
+                ErrorCode::Busy,
+                format!("{name:?} ({size} bytes) is being hashed; try again in a few seconds"),
+            )
+        };
+        match slot.try_lock() {
+            Ok(done) => {
+                if let Some(hash) = *done {
+                    return Ok(hash);
+                }
+            }
+            Err(TryLockError::Poisoned(done)) => {
+                if let Some(hash) = *done.into_inner() {
+                    return Ok(hash);
+                }
+            }
+            // Another thread holds it: it is hashing.
+            Err(TryLockError::WouldBlock) => return Err(busy()),
+        }
+        if self.background.fetch_add(1, Ordering::SeqCst) >= MAX_BACKGROUND_HASHES {
+            self.background.fetch_sub(1, Ordering::SeqCst);
+            return Err(busy());
+        }
+        let background = Arc::clone(&self.background);
+        let name = name.clone();
+        let spawned = thread::Builder::new().name("hash".into()).spawn(move || {
+            let started = Instant::now();
+            match File::open(&path).and_then(|file| hash_into(&slot, &file, size)) {
+                Ok(_) => info!(
+                    "hashed {name:?} ({size} bytes) in {:.1?}",
+                    started.elapsed()
+                ),
+                Err(e) => warn!("cannot hash {name:?}: {e}"),
+            }
+            background.fetch_sub(1, Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            self.background.fetch_sub(1, Ordering::SeqCst);
+        }
+        Err(busy())
     }
 
     /// Computes and caches the hash of every file listed.
     pub fn warm_up(&self) {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let Ok(entries) = self.list(MAX_FILES) else {
             return;
         };
         let hashed = entries
             .iter()
-            .filter(|e| self.open_file(&e.name).is_ok())
+            .filter(|e| self.open_hashed(&e.name, true).is_ok())
             .count();
-        log::info!("files hashed: {hashed}, in {:.1?}", started.elapsed());
+        info!("files hashed: {hashed}, in {:.1?}", started.elapsed());
     }
 
     /// Every regular file in the folder, sorted by name, at most `limit`.
@@ -143,11 +226,21 @@ impl Library {
         limit: usize,
         out: &mut Vec<FileEntry>,
     ) -> io::Result<()> {
-        for entry in fs::read_dir(dir)? {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            // Only the folder itself must be readable; an unreadable
+            // subfolder (lost+found, another user's) is left out.
+            Err(e) if depth > 0 => {
+                debug!("not listing {}: {e}", dir.display());
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
             if out.len() >= limit {
                 return Ok(());
             }
-            let entry = entry?;
+            let Ok(entry) = entry else { continue };
             let Some(part) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
@@ -155,7 +248,9 @@ impl Library {
             let Ok(name) = FileName::new(&joined) else {
                 continue;
             };
-            let kind = entry.file_type()?;
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if kind.is_dir() {
                 if depth + 1 < MAX_DEPTH {
                     self.walk(&entry.path(), &format!("{joined}/"), depth + 1, limit, out)?;
@@ -173,6 +268,21 @@ impl Library {
         }
         Ok(())
     }
+}
+
+/// Hashes the first `size` bytes of `file` into `slot`, unless a request
+/// for the same version already did; waits if one is at it.
+fn hash_into(slot: &Mutex<Option<ContentHash>>, file: &File, size: u64) -> io::Result<ContentHash> {
+    let mut done = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(hash) = *done {
+        return Ok(hash);
+    }
+    // Only `size` bytes: a file still growing must hash to what is sent.
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(file.take(size))?;
+    let hash = hasher.finalize();
+    *done = Some(hash);
+    Ok(hash)
 }
 
 fn not_found(name: &FileName) -> ErrorReply {
@@ -259,6 +369,49 @@ mod tests {
             lib.open_file(&name("a.txt")).unwrap().hash,
             blake3::hash(b"hello, world")
         );
+    }
+
+    #[test]
+    fn a_growing_file_hashes_to_the_size_sent() {
+        let (_outside, dir, lib) = setup();
+        let served = lib.open_file(&name("a.txt")).unwrap();
+        let path = dir.path().join("a.txt");
+        // Grows after the size was taken: only 5 bytes go out, and the hash says so.
+        let slot = Arc::new(Mutex::new(None));
+        fs::write(&path, "hello, and more").unwrap();
+        let hash = hash_into(&slot, &File::open(&path).unwrap(), served.size).unwrap();
+        assert_eq!(hash, blake3::hash(b"hello"));
+    }
+
+    #[test]
+    fn one_request_hashes_and_the_others_reuse_it() {
+        let (_outside, _dir, lib) = setup();
+        let first = lib.open_file(&name("a.txt")).unwrap();
+        let meta = first.file.metadata().unwrap();
+        let path = fs::canonicalize(lib.root().join("a.txt")).unwrap();
+        let slot = lib.slot(&path, meta.len(), meta.modified().unwrap());
+        assert_eq!(*slot.lock().unwrap(), Some(blake3::hash(b"hello")));
+    }
+
+    #[test]
+    fn a_big_file_is_hashed_in_the_background_while_requests_get_busy() {
+        let (_outside, _dir, mut lib) = setup();
+        lib.inline_hash_max = 2;
+        let err = lib
+            .open_file(&name("a.txt"))
+            .err()
+            .expect("busy while hashing");
+        assert_eq!(err.code, ErrorCode::Busy);
+        assert!(err.message.contains("is being hashed"), "{err}");
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match lib.open_file(&name("a.txt")) {
+                Ok(served) => break assert_eq!(served.hash, blake3::hash(b"hello")),
+                Err(e) => assert_eq!(e.code, ErrorCode::Busy),
+            }
+            assert!(Instant::now() < deadline, "never hashed");
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::{
 use anyhow::Context;
 use log::{debug, info, warn};
 use protocol::{
+    describe_io,
     peer::{FileHeader, Request, Response, MAX_FILES},
     ErrorCode, ErrorReply, FileName, MAX_LINE,
 };
@@ -108,10 +109,14 @@ pub fn run(
         }
     }
 
-    // Leave the list first so that clients stop coming, then let transfers finish.
+    // Refuse new connections at once rather than let them wait in the
+    // backlog; leave the list so that clients stop coming; then let
+    // transfers finish. The heartbeat thread is not waited for: it stops
+    // at its next check of the flag.
+    drop(listener);
     info!("shutting down");
-    let _ = heartbeat.join();
     announcer.unregister();
+    drop(heartbeat);
     let deadline = Instant::now() + config.grace;
     while peer.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(10));
@@ -132,12 +137,24 @@ fn reject_busy(mut stream: TcpStream, max: usize) {
         format!("too many connections (limit {max})"),
     );
     let _ = Response::Error(reply).write_to(&mut stream);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    // Read what already arrived so that closing does not reset the
-    // connection and destroy the reply before the caller reads it.
-    let _ = stream.set_nonblocking(true);
-    let _ = stream.read(&mut [0; MAX_LINE]);
+    close_gently(&stream, Duration::from_millis(50));
     warn!("busy: rejected a connection (limit {max})");
+}
+
+/// Ends a connection without a reset. Closing a socket with unread input
+/// makes the kernel send RST, which can destroy the reply before the
+/// caller has read it; so stop writing, and read (a bounded amount, for a
+/// bounded time) until the caller closes too.
+fn close_gently(stream: &TcpStream, wait: Duration) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(wait));
+    let mut buf = [0; MAX_LINE];
+    for _ in 0..16 {
+        match (&mut &*stream).read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 fn handle(peer: &Peer, stream: TcpStream) {
@@ -153,6 +170,7 @@ fn handle(peer: &Peer, stream: TcpStream) {
     let Some((summary, result)) = respond(peer, &mut input, &mut &stream) else {
         return debug!("{remote}: closed without a request");
     };
+    close_gently(&stream, Duration::from_millis(200));
     let elapsed = started.elapsed();
     match result {
         Ok(outcome) => info!("{remote} {summary}: {outcome} ({elapsed:.1?})"),
@@ -250,7 +268,8 @@ fn send_file<W: Write>(
     // File to socket: `io::copy` lets the kernel move the bytes (sendfile on Linux).
     let want = served.size - offset;
     debug!("sending {want} bytes of {name:?} from {offset}");
-    let sent = io::copy(&mut file.take(want), out).context("transfer broke")?;
+    let sent = io::copy(&mut file.take(want), out)
+        .map_err(|e| anyhow::anyhow!("transfer broke: {}", describe_io(&e)))?;
     if sent < want {
         anyhow::bail!("file shrank while being sent: {sent} of {want} bytes");
     }

@@ -13,6 +13,8 @@ pub struct PeerAddr(SocketAddr);
 
 impl PeerAddr {
     pub fn new(ip: IpAddr, port: u16) -> Result<Self, ProtocolError> {
+        // `::ffff:1.2.3.4` is 1.2.3.4: one address, one entry, one set of checks.
+        let ip = ip.to_canonical();
         let addr = SocketAddr::new(ip, port);
         if port == 0 {
             return Err(ProtocolError::invalid("peer port", "0"));
@@ -69,6 +71,12 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_mapped_addresses_are_plain_ipv4() {
+        let mapped: PeerAddr = "[::ffff:127.0.0.1]:7000".parse().unwrap();
+        assert_eq!(mapped, "127.0.0.1:7000".parse().unwrap());
+    }
+
+    #[test]
     fn rejects_what_cannot_be_dialled() {
         for s in [
             "127.0.0.1:0",
@@ -77,6 +85,7 @@ mod tests {
             "224.0.0.1:80",
             "255.255.255.255:80",
             "example.com:80",
+            "[::ffff:0.0.0.0]:80",
             "127.0.0.1",
             "127.0.0.1:65536",
             "",

@@ -67,6 +67,23 @@ pub fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// A short, lowercase reason for a network error, for messages and logs:
+/// "timed out" rather than "Resource temporarily unavailable (os error 11)",
+/// "connection refused" rather than "Connection refused (os error 111)".
+pub fn describe_io(e: &io::Error) -> String {
+    use io::ErrorKind::*;
+    if is_timeout(e) {
+        return "timed out".to_string();
+    }
+    match e.kind() {
+        ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe
+        | AddrNotAvailable | HostUnreachable | NetworkUnreachable | NetworkDown | UnexpectedEof => {
+            e.kind().to_string()
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// The machine-readable part of an `ERR` reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -209,6 +226,19 @@ mod tests {
             assert_eq!(code.as_str().parse::<ErrorCode>().unwrap(), code);
         }
         assert!("".parse::<ErrorCode>().is_err());
+    }
+
+    #[test]
+    fn network_errors_read_short() {
+        assert_eq!(describe_io(&io::ErrorKind::WouldBlock.into()), "timed out");
+        assert_eq!(
+            describe_io(&io::ErrorKind::ConnectionRefused.into()),
+            "connection refused"
+        );
+        assert_eq!(
+            describe_io(&io::Error::other("disk on fire")),
+            "disk on fire"
+        );
     }
 
     #[test]

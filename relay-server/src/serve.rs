@@ -14,6 +14,7 @@ use std::{
 use anyhow::Context;
 use log::{debug, info, warn};
 use protocol::{
+    describe_io,
     relay::{Request, Response},
     ErrorCode, ErrorReply, PeerAddr, MAX_LINE,
 };
@@ -108,6 +109,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    // Refuse new connections at once rather than let them wait in the backlog.
+    drop(listener);
     info!("shutting down");
     let deadline = Instant::now() + config.grace;
     while relay.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
@@ -139,12 +142,24 @@ fn reject_busy(mut stream: TcpStream, max: usize) {
         format!("too many connections (limit {max})"),
     );
     let _ = Response::Error(reply).write_to(&mut stream);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    // Read what already arrived so that closing does not reset the
-    // connection and destroy the reply before the caller reads it.
-    let _ = stream.set_nonblocking(true);
-    let _ = stream.read(&mut [0; MAX_LINE]);
+    close_gently(&stream, Duration::from_millis(50));
     warn!("busy: rejected a connection (limit {max})");
+}
+
+/// Ends a connection without a reset. Closing a socket with unread input
+/// makes the kernel send RST, which can destroy the reply before the
+/// caller has read it; so stop writing, and read (a bounded amount, for a
+/// bounded time) until the caller closes too.
+fn close_gently(stream: &TcpStream, wait: Duration) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(wait));
+    let mut buf = [0; MAX_LINE];
+    for _ in 0..16 {
+        match (&mut &*stream).read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 fn handle(relay: &Relay, stream: TcpStream) {
@@ -167,9 +182,16 @@ fn handle(relay: &Relay, stream: TcpStream) {
         .write_to(&mut reply)
         .and_then(|()| (&stream).write_all(&reply));
     let (elapsed, bytes) = (started.elapsed(), reply.len());
+    if matches!(response, Response::Error(_)) {
+        // A refused request may have left input unread.
+        close_gently(&stream, Duration::from_millis(200));
+    }
     match sent {
         Ok(()) => info!("{remote} {summary}: {bytes} bytes ({elapsed:.1?})"),
-        Err(e) => info!("{remote} {summary}, reply not delivered: {e} ({elapsed:.1?})"),
+        Err(e) => info!(
+            "{remote} {summary}, reply not delivered: {} ({elapsed:.1?})",
+            describe_io(&e)
+        ),
     }
 }
 

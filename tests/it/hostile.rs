@@ -159,13 +159,27 @@ fn over_the_connection_limit_the_answer_is_busy() {
     let relay = Server::relay(&["--max-connections", "2"]);
     let peer = Server::peer(relay.addr, dir.path(), &["--max-connections", "2"]);
     // The peer's registration must not take one of the relay's two slots below.
-    crate::harness::eventually("the peer is registered", || live_peers(relay.addr).len() == 1);
+    crate::harness::eventually("the peer is registered", || {
+        live_peers(relay.addr).len() == 1
+    });
     for server in [relay.addr, peer.addr] {
-        let held: Vec<_> = (0..2)
-            .map(|_| TcpStream::connect(server).unwrap())
-            .collect();
-        // The server counts a connection once its thread starts; give it a moment.
-        thread::sleep(Duration::from_millis(200));
+        // Fill both slots. A slot can still be taken for a moment by the
+        // connection before (its thread ends after its reply), so a held
+        // connection that was answered `busy` is opened again.
+        let mut held = Vec::new();
+        for _ in 0..50 {
+            if held.len() == 2 {
+                break;
+            }
+            let stream = TcpStream::connect(server).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            if (&stream).read(&mut [0; 64]).is_err() {
+                held.push(stream); // nothing said: it holds a slot
+            }
+        }
+        assert_eq!(held.len(), 2);
         let reply = exchange(server, b"RP2P/1 LIST\n");
         assert!(
             reply.starts_with("ERR busy too many connections (limit 2)"),

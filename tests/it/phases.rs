@@ -202,3 +202,22 @@ fn a_reader_that_stops_early_is_not_an_error() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out.stderr.is_empty(), "{}", stderr(&out));
 }
+
+#[test]
+fn an_unusable_output_path_fails_before_the_download() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a.txt"), "a\n").unwrap();
+    let net = Network::start(&[dir.path()]);
+    let out_dir = tempfile::tempdir().unwrap();
+    let missing = format!("{}/", out_dir.path().join("no-such-folder").display());
+    fs::create_dir(out_dir.path().join("a.txt")).unwrap();
+    for (dest, message) in [
+        (missing.as_str(), "no such folder"),
+        (out_dir.path().to_str().unwrap(), "it is a folder"),
+    ] {
+        let out = net.client(&["get", "a.txt", "-o", dest]);
+        assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+        assert!(stderr(&out).contains(message), "{}", stderr(&out));
+    }
+    assert!(!net.peers[0].log().contains("GET"), "nothing was fetched");
+}
