@@ -40,7 +40,8 @@ pub struct Load {
     pub refused: u64,
     /// Connections that failed (refused, reset, timed out, no free port).
     pub failed: u64,
-    pub first_problem: Option<String>,
+    pub first_refusal: Option<String>,
+    pub first_failure: Option<String>,
     pub elapsed: Duration,
     pub latencies: Vec<Duration>,
 }
@@ -54,7 +55,8 @@ impl Load {
         self.ok += other.ok;
         self.refused += other.refused;
         self.failed += other.failed;
-        self.first_problem = self.first_problem.take().or(other.first_problem);
+        self.first_refusal = self.first_refusal.take().or(other.first_refusal);
+        self.first_failure = self.first_failure.take().or(other.first_failure);
         self.latencies.extend(other.latencies);
     }
 
@@ -67,12 +69,12 @@ impl Load {
             Ok(()) => {
                 self.refused += 1;
                 let text = String::from_utf8_lossy(reply);
-                self.first_problem
-                    .get_or_insert_with(|| format!("reply {:?}", text.trim_end()));
+                self.first_refusal
+                    .get_or_insert_with(|| format!("{:?}", text.trim_end()));
             }
             Err(e) => {
                 self.failed += 1;
-                self.first_problem.get_or_insert_with(|| e.to_string());
+                self.first_failure.get_or_insert_with(|| e.to_string());
             }
         }
     }

@@ -108,6 +108,7 @@ pub fn registration(setup: &Setup, peers: usize, rounds: u32) -> anyhow::Result<
     let relay = setup.start_relay("herd")?;
     let interval = Duration::from_secs(1);
     eprintln!("registration: {peers} peers, {rounds} rounds, one thread each");
+    let overflows_before = listen_overflows();
     let ours = load::herd(
         relay.addr,
         peers,
@@ -116,9 +117,11 @@ pub fn registration(setup: &Setup, peers: usize, rounds: u32) -> anyhow::Result<
         register_line,
         "REGISTERED ",
     )?;
+    let ours_overflows = listen_overflows() - overflows_before;
     let stats = stats(relay.addr)?;
     let trivial = Trivial::start(IpAddr::from(TRIVIAL_IP), "REGISTERED 90\n", 4)?;
     eprintln!("registration: the same herd against the trivial server");
+    let overflows_before = listen_overflows();
     let base = load::herd(
         trivial.addr,
         peers,
@@ -127,15 +130,18 @@ pub fn registration(setup: &Setup, peers: usize, rounds: u32) -> anyhow::Result<
         register_line,
         "REGISTERED ",
     )?;
+    let base_overflows = listen_overflows() - overflows_before;
 
     let live = stat(&stats, "peers_live");
     let expected = (peers as u64) * u64::from(rounds);
     let held = live == peers as u64 && ours.ok == expected && ours.refused + ours.failed == 0;
     let slowest = |l: &Load| l.latencies.iter().max().copied().unwrap_or_default();
-    let problem = ours
-        .first_problem
-        .as_deref()
-        .map_or(String::new(), |p| format!("; first: {p}"));
+    let first = |what: &str, p: &Option<String>| {
+        p.as_deref()
+            .map_or(String::new(), |p| format!("; first {what}: {p}"))
+    };
+    let problem = first("ERR", &ours.first_refusal) + &first("failure", &ours.first_failure);
+
     Ok(vec![
         Row::new(
             format!(
@@ -143,13 +149,17 @@ pub fn registration(setup: &Setup, peers: usize, rounds: u32) -> anyhow::Result<
                 rounds - 1
             ),
             format!(
-                "{live} live, {} of {expected} answered REGISTERED, {} ERR, {} failed{problem}",
+                "{live} live, {} of {expected} answered REGISTERED, {} ERR, {} failed{problem}; \
+                 accept-queue overflows: {ours_overflows}",
                 ours.ok, ours.refused, ours.failed
             ),
         )
         .baseline(
             "trivial server, answered",
-            format!("{} of {expected}", base.ok),
+            format!(
+                "{} of {expected}, accept-queue overflows: {base_overflows}",
+                base.ok
+            ),
         )
         .target(format!("{peers} live, 0 ERR, 0 failed"), held),
         Row::new("  slowest registration of the herd", ms(slowest(&ours)))
@@ -208,10 +218,11 @@ pub fn big_registry(
     let live = stat(&stats(relay.addr)?, "peers_live");
     ensure!(
         live == peers as u64,
-        "only {live} of {peers} peers registered ({} ERR, {} failed; first: {:?})",
+        "only {live} of {peers} peers registered ({} ERR, {} failed; first: {:?} {:?})",
         reg.refused,
         reg.failed,
-        reg.first_problem
+        reg.first_refusal,
+        reg.first_failure
     );
     eprintln!("big registry: lookups");
     let times = sequential_server_times(relay.addr, &relay.log)?;
@@ -265,7 +276,10 @@ fn checked(load: Load, what: &str) -> anyhow::Result<Load> {
         load.refused,
         load.failed,
         load.ok + load.refused + load.failed,
-        load.first_problem.as_deref().unwrap_or("-")
+        load.first_refusal
+            .as_ref()
+            .or(load.first_failure.as_ref())
+            .map_or("-", |s| s.as_str())
     );
     Ok(load)
 }
@@ -296,6 +310,22 @@ fn sequential_server_times(relay: SocketAddr, log: &Path) -> anyhow::Result<Vec<
     // The relay logs after replying: give the last line time to land.
     thread::sleep(Duration::from_millis(100));
     server_times(log, before)
+}
+
+/// Connections the kernel dropped because a listener's accept queue was
+/// full (`TcpExt: ListenOverflows`), machine-wide.
+fn listen_overflows() -> u64 {
+    let text = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn log_len(log: &Path) -> usize {
