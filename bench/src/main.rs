@@ -313,6 +313,9 @@ fn machine() -> String {
         "machine: {cpu}, {cores} cores, {:.0} GiB, Linux {}\ncommand: {}\n",
         mem_kib as f64 / (1 << 20) as f64,
         read("/proc/sys/kernel/osrelease").trim(),
-        std::env::args().collect::<Vec<_>>().join(" ")
+        std::env::args().skip(1).fold(
+            "cargo run --release -p bench --".to_string(),
+            |cmd, arg| cmd + " " + &arg
+        )
     )
 }
