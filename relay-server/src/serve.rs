@@ -65,8 +65,7 @@ fn bump(counter: &AtomicU64) {
 /// Binds, prints the bound address as the first line of stdout, and serves
 /// until Ctrl-C or SIGTERM.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let listener =
-        TcpListener::bind(config.bind).with_context(|| format!("cannot bind {}", config.bind))?;
+    let listener = listen(config.bind).with_context(|| format!("cannot bind {}", config.bind))?;
     let local = listener
         .local_addr()
         .context("cannot read the bound address")?;
@@ -145,6 +144,23 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let _ = sweeper.join();
     info!("stopped");
     Ok(())
+}
+
+/// Handshakes the kernel may queue before `accept`. std's fixed 128
+/// overflowed when 10,000 peers registered at once: tens of thousands of
+/// handshakes dropped, and some peers left waiting out their timeout. The
+/// kernel caps this at `net.core.somaxconn`.
+const BACKLOG: i32 = 4096;
+
+/// `TcpListener::bind` with a longer accept queue.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As std does on Unix, so that a restarted relay can bind at once.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// A connection thread: serves `first`, then whatever the accept loop hands
