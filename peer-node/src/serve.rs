@@ -6,7 +6,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        mpsc, Arc, Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -38,7 +38,12 @@ struct Peer {
     idle_timeout: Duration,
     write_timeout: Duration,
     open: AtomicUsize,
+    /// Connection threads waiting for work that no connection is promised to.
+    idle: AtomicUsize,
 }
+
+/// How long a connection thread waits for the next connection before it exits.
+const KEEP_IDLE: Duration = Duration::from_secs(10);
 
 /// Binds, prints the bound address as the first line of stdout, registers
 /// with the relay, and serves until Ctrl-C or SIGTERM.
@@ -69,6 +74,7 @@ pub fn run(
         idle_timeout: config.idle_timeout,
         write_timeout: config.write_timeout,
         open: AtomicUsize::new(0),
+        idle: AtomicUsize::new(0),
     });
     {
         // Hash what is already there, so that the first request for a big
@@ -79,6 +85,10 @@ pub fn run(
             .spawn(move || peer.library.warm_up())
             .context("cannot start the hashing thread")?;
     }
+    // Connection threads are reused, as in the relay: starting and ending a
+    // thread per connection costs more than serving a small file.
+    let (queue, waiting) = mpsc::channel::<TcpStream>();
+    let waiting = Arc::new(Mutex::new(waiting));
 
     for stream in listener.incoming() {
         if shutdown.is_triggered() {
@@ -98,16 +108,27 @@ pub fn run(
             reject_busy(stream, config.max_connections);
             continue;
         }
-        let handler = Arc::clone(&peer);
-        let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
-            handle(&handler, stream);
-            handler.open.fetch_sub(1, Ordering::SeqCst);
-        });
+        let claimed = peer
+            .idle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if claimed {
+            // The receiving end lives as long as the claimed thread.
+            let _ = queue.send(stream);
+            continue;
+        }
+        // Every thread is busy: start one more. Threads never outnumber the
+        // open connections, so `max_connections` bounds them too.
+        let (handler, waiting) = (Arc::clone(&peer), Arc::clone(&waiting));
+        let spawned = thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || work(&handler, &waiting, stream));
         if let Err(e) = spawned {
             peer.open.fetch_sub(1, Ordering::SeqCst);
             warn!("cannot start a connection thread: {e}");
         }
     }
+    drop(queue);
 
     // Refuse new connections at once rather than let them wait in the
     // backlog; leave the list so that clients stop coming; then let
@@ -127,6 +148,38 @@ pub fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// A connection thread: serves `first`, then whatever the accept loop hands
+/// it, until no connection came for `KEEP_IDLE` or the server stops.
+fn work(peer: &Peer, waiting: &Mutex<mpsc::Receiver<TcpStream>>, first: TcpStream) {
+    let mut next = Some(first);
+    while let Some(stream) = next.take() {
+        handle(peer, stream);
+        peer.open.fetch_sub(1, Ordering::SeqCst);
+        peer.idle.fetch_add(1, Ordering::SeqCst);
+        // Bounded: each turn either gets a connection or leaves, except when
+        // the accept loop claimed this idle slot and its connection is on the way.
+        while next.is_none() {
+            let got = waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .recv_timeout(KEEP_IDLE);
+            match got {
+                Ok(stream) => next = Some(stream),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let unclaimed = peer
+                        .idle
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if unclaimed {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Over the connection cap: say so, rather than leave the caller hanging.
@@ -303,6 +356,7 @@ mod tests {
             idle_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
             open: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
         }
     }
 

@@ -5,7 +5,7 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        mpsc, Arc, Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -41,8 +41,13 @@ struct Relay {
     idle_timeout: Duration,
     started: Instant,
     open: AtomicUsize,
+    /// Connection threads waiting for work that no connection is promised to.
+    idle: AtomicUsize,
     stats: Stats,
 }
+
+/// How long a connection thread waits for the next connection before it exits.
+const KEEP_IDLE: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Stats {
@@ -61,8 +66,7 @@ fn bump(counter: &AtomicU64) {
 /// Binds, prints the bound address as the first line of stdout, and serves
 /// until Ctrl-C or SIGTERM.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let listener =
-        TcpListener::bind(config.bind).with_context(|| format!("cannot bind {}", config.bind))?;
+    let listener = listen(config.bind).with_context(|| format!("cannot bind {}", config.bind))?;
     let local = listener
         .local_addr()
         .context("cannot read the bound address")?;
@@ -71,6 +75,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let shutdown = Shutdown::install(local)?;
     let relay = Arc::new(Relay::new(&config));
+    // Connection threads are reused: starting and ending a thread per
+    // connection cost more than the lookup itself (stack mappings, and TLB
+    // shootdowns across cores when a finished thread's stack is released).
+    let (queue, waiting) = mpsc::channel::<TcpStream>();
+    let waiting = Arc::new(Mutex::new(waiting));
     let sweeper = {
         let (relay, shutdown) = (Arc::clone(&relay), Arc::clone(&shutdown));
         thread::Builder::new()
@@ -98,16 +107,27 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             reject_busy(stream, config.max_connections);
             continue;
         }
-        let handler = Arc::clone(&relay);
-        let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
-            handle(&handler, stream);
-            handler.open.fetch_sub(1, Ordering::SeqCst);
-        });
+        let claimed = relay
+            .idle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if claimed {
+            // The receiving end lives as long as the claimed thread.
+            let _ = queue.send(stream);
+            continue;
+        }
+        // Every thread is busy: start one more. Threads never outnumber the
+        // open connections, so `max_connections` bounds them too.
+        let (handler, waiting) = (Arc::clone(&relay), Arc::clone(&waiting));
+        let spawned = thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || work(&handler, &waiting, stream));
         if let Err(e) = spawned {
             relay.open.fetch_sub(1, Ordering::SeqCst);
             warn!("cannot start a connection thread: {e}");
         }
     }
+    drop(queue);
 
     // Refuse new connections at once rather than let them wait in the backlog.
     drop(listener);
@@ -119,6 +139,55 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let _ = sweeper.join();
     info!("stopped");
     Ok(())
+}
+
+/// Handshakes the kernel may queue before `accept`. std's fixed 128
+/// overflowed when 10,000 peers registered at once: tens of thousands of
+/// handshakes dropped, and some peers left waiting out their timeout. The
+/// kernel caps this at `net.core.somaxconn`.
+const BACKLOG: i32 = 4096;
+
+/// `TcpListener::bind` with a longer accept queue.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As std does on Unix, so that a restarted relay can bind at once.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A connection thread: serves `first`, then whatever the accept loop hands
+/// it, until no connection came for `KEEP_IDLE` or the server stops.
+fn work(relay: &Relay, waiting: &Mutex<mpsc::Receiver<TcpStream>>, first: TcpStream) {
+    let mut next = Some(first);
+    while let Some(stream) = next.take() {
+        handle(relay, stream);
+        relay.open.fetch_sub(1, Ordering::SeqCst);
+        relay.idle.fetch_add(1, Ordering::SeqCst);
+        // Bounded: each turn either gets a connection or leaves, except when
+        // the accept loop claimed this idle slot and its connection is on the way.
+        while next.is_none() {
+            let got = waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .recv_timeout(KEEP_IDLE);
+            match got {
+                Ok(stream) => next = Some(stream),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let unclaimed = relay
+                        .idle
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if unclaimed {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Expires silent peers about once a second.
@@ -230,6 +299,7 @@ impl Relay {
             idle_timeout: config.idle_timeout,
             started: Instant::now(),
             open: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
             stats: Stats::default(),
         }
     }
