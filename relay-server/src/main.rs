@@ -31,7 +31,7 @@ struct Args {
     #[arg(long, env = "RELAY_MAX_REGISTERED", default_value_t = 250_000)]
     max_registered: usize,
     /// Most connections served at once; more are answered `ERR busy`
-    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_connections: u64,
     /// Close a connection that sends or accepts nothing for this many seconds
     #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
