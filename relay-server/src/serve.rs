@@ -211,17 +211,25 @@ fn reject_busy(mut stream: TcpStream, max: usize) {
         format!("too many connections (limit {max})"),
     );
     let _ = Response::Error(reply).write_to(&mut stream);
-    close_gently(&stream, Duration::from_millis(50));
+    close_gently(&stream, Duration::ZERO);
     warn!("busy: rejected a connection (limit {max})");
 }
 
 /// Ends a connection without a reset. Closing a socket with unread input
 /// makes the kernel send RST, which can destroy the reply before the
-/// caller has read it; so stop writing, and read (a bounded amount, for a
-/// bounded time) until the caller closes too.
+/// caller has read it; so stop writing, and read (a bounded amount) until
+/// the caller closes too: for up to `wait`, or only what has already
+/// arrived when `wait` is zero (the accept loop must not stall).
 fn close_gently(stream: &TcpStream, wait: Duration) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(wait));
+    let waiting = if wait.is_zero() {
+        stream.set_nonblocking(true)
+    } else {
+        stream.set_read_timeout(Some(wait))
+    };
+    if waiting.is_err() {
+        return;
+    }
     let mut buf = [0; MAX_LINE];
     for _ in 0..16 {
         match (&mut &*stream).read(&mut buf) {
