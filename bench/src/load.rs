@@ -173,6 +173,16 @@ pub fn herd(
     Ok(total)
 }
 
+/// A listener with the relay's accept queue (4096; std's is 128), so that
+/// a herd measures the servers, not their queues.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
 /// The baseline server: answers every connection with one fixed line, on a
 /// few threads that accept and answer inline, no parsing, no logging.
 pub struct Trivial {
@@ -183,7 +193,7 @@ pub struct Trivial {
 
 impl Trivial {
     pub fn start(ip: IpAddr, reply: &'static str, threads: usize) -> anyhow::Result<Trivial> {
-        let listener = TcpListener::bind((ip, 0)).context("cannot bind the trivial server")?;
+        let listener = listen(SocketAddr::new(ip, 0)).context("cannot bind the trivial server")?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();

@@ -4,7 +4,8 @@
 
 use std::{
     io::{self, Read},
-    time::Duration,
+    thread,
+    time::{Duration, Instant},
 };
 
 use protocol::{
@@ -13,6 +14,9 @@ use protocol::{
 };
 
 use crate::net;
+
+/// Longest pause before asking busy peers again.
+const MAX_PAUSE: Duration = Duration::from_secs(4);
 
 /// Read buffer for content: big enough that hashing and writing work on
 /// large slices, allocated once per fetch.
@@ -87,6 +91,8 @@ enum Attempt {
     Missing,
     /// The peer could not be asked, or refused; `why` says which.
     Skipped(String),
+    /// The peer asks to be asked again later.
+    Busy(String),
     /// The peer has the file but did not deliver all of it.
     Broke(String),
     /// The peer has other content under that name than what already arrived.
@@ -113,38 +119,63 @@ impl Fetcher<'_> {
         let mut partial: Option<Partial> = None;
         let mut buf = vec![0; CHUNK];
         let (mut missing, mut skipped, mut offered) = (0, Vec::new(), false);
-        for &peer in peers {
-            let mut retried = false;
-            loop {
-                let attempt = self.attempt(peer, name, &mut partial, sink, &mut buf)?;
-                offered |= matches!(attempt, Attempt::Broke(_) | Attempt::OtherVersion);
-                match attempt {
-                    Attempt::Done(fetched) => {
-                        self.progress.finish();
-                        return Ok(fetched);
+        // Peers that answered `busy` are asked again after the others, with
+        // growing pauses, for up to the timeout.
+        let mut round = peers.to_vec();
+        let (mut pause, mut give_up) = (Duration::from_millis(250), None);
+        while !round.is_empty() {
+            let mut busy = Vec::new();
+            for peer in round {
+                let mut retried = false;
+                loop {
+                    let attempt = self.attempt(peer, name, &mut partial, sink, &mut buf)?;
+                    offered |= matches!(attempt, Attempt::Broke(_) | Attempt::OtherVersion);
+                    match attempt {
+                        Attempt::Done(fetched) => {
+                            self.progress.finish();
+                            return Ok(fetched);
+                        }
+                        Attempt::Missing => missing += 1,
+                        Attempt::Busy(why) => busy.push((peer, why)),
+                        Attempt::Skipped(why) | Attempt::Broke(why) => {
+                            (self.note)(&format!("peer {peer}: {why}"));
+                            skipped.push(format!("{peer}: {why}"));
+                        }
+                        Attempt::OtherVersion if !retried && restart(sink, name)? => {
+                            (self.note)(&format!(
+                                "peer {peer}: has another version of {name:?}; starting over from it"
+                            ));
+                            partial = None;
+                            retried = true;
+                            continue;
+                        }
+                        Attempt::OtherVersion => {
+                            (self.note)(&format!(
+                                "peer {peer}: has another version of {name:?}; skipped"
+                            ));
+                            skipped.push(format!("{peer}: another version"));
+                        }
                     }
-                    Attempt::Missing => missing += 1,
-                    Attempt::Skipped(why) | Attempt::Broke(why) => {
-                        (self.note)(&format!("peer {peer}: {why}"));
-                        skipped.push(format!("{peer}: {why}"));
-                    }
-                    Attempt::OtherVersion if !retried && restart(sink, name)? => {
-                        (self.note)(&format!(
-                            "peer {peer}: has another version of {name:?}; starting over from it"
-                        ));
-                        partial = None;
-                        retried = true;
-                        continue;
-                    }
-                    Attempt::OtherVersion => {
-                        (self.note)(&format!(
-                            "peer {peer}: has another version of {name:?}; skipped"
-                        ));
-                        skipped.push(format!("{peer}: another version"));
-                    }
+                    break;
                 }
-                break;
             }
+            let give_up = *give_up.get_or_insert_with(|| Instant::now() + self.timeout);
+            if !busy.is_empty() && Instant::now() + pause > give_up {
+                for (peer, why) in busy.drain(..) {
+                    (self.note)(&format!("peer {peer}: {why}; giving up"));
+                    skipped.push(format!("{peer}: {why}"));
+                }
+            }
+            if !busy.is_empty() {
+                let (first, why) = &busy[0];
+                (self.note)(&format!(
+                    "peer {first}: {why}; asking {} busy peer(s) again in {pause:.1?}",
+                    busy.len()
+                ));
+                thread::sleep(pause);
+                pause = (pause * 2).min(MAX_PAUSE);
+            }
+            round = busy.into_iter().map(|(peer, _)| peer).collect();
         }
         self.progress.finish();
         if !offered && skipped.is_empty() {
@@ -200,6 +231,9 @@ impl Fetcher<'_> {
         let header = match Response::read_from(&mut reader) {
             Ok(Response::File(header)) => header,
             Ok(Response::Error(e)) if e.code == ErrorCode::NotFound => return Ok(Attempt::Missing),
+            Ok(Response::Error(e)) if e.code == ErrorCode::Busy => {
+                return Ok(Attempt::Busy(format!("busy: {}", e.message)))
+            }
             // Asked to resume past the end of the peer's file: it has
             // another, shorter version.
             Ok(Response::Error(e)) if offset > 0 && e.code == ErrorCode::BadRequest => {
@@ -456,6 +490,53 @@ mod tests {
         let err = result.unwrap_err();
         assert!(!err.is_not_found());
         assert_eq!(notes, [format!("peer {dead}: connection refused")]);
+    }
+
+    #[test]
+    fn a_busy_peer_is_asked_again_after_the_others() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let asked = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&asked);
+        let (hashing, _) = fake_peer(move |line| {
+            if count.fetch_add(1, Ordering::SeqCst) < 2 {
+                b"ERR busy \"f.bin\" (36 bytes) is being hashed\n".to_vec()
+            } else {
+                honest(CONTENT)(line)
+            }
+        });
+        let (missing_peer, _) = fake_peer(missing);
+        let (result, data, notes) = fetch(&[hashing, missing_peer], false);
+        assert_eq!(result.unwrap().peer, hashing);
+        assert_eq!(data, CONTENT);
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
+        assert!(
+            notes[0].contains("asking 1 busy peer(s) again"),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn a_peer_busy_for_longer_than_the_timeout_is_given_up() {
+        let (busy, _) = fake_peer(|_| b"ERR busy try later\n".to_vec());
+        let started = std::time::Instant::now();
+        let mut notes = Vec::new();
+        let result = Fetcher {
+            timeout: Duration::from_secs(1),
+            note: &mut |line| notes.push(line.to_string()),
+            progress: &mut (),
+        }
+        .fetch(
+            &[busy],
+            &FileName::new("f.bin").unwrap(),
+            &mut Memory {
+                data: Vec::new(),
+                restartable: false,
+            },
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let err = result.unwrap_err();
+        assert!(!err.is_not_found(), "{err}");
+        assert!(notes.last().unwrap().ends_with("giving up"), "{notes:?}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `ls`: what the live peers hold, merged by name.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, thread};
 
 use protocol::{
     peer::{FileEntry, Request, Response},
@@ -8,6 +8,9 @@ use protocol::{
 };
 
 use crate::{discover::Relay, net, Failure};
+
+/// Peers asked at the same time.
+const MAX_PARALLEL: usize = 64;
 
 /// One file name across peers.
 pub struct Listed {
@@ -23,8 +26,23 @@ pub fn collect(
     note: &mut dyn FnMut(&str),
 ) -> Result<Vec<Listed>, Failure> {
     let mut merged: BTreeMap<FileName, (u64, usize)> = BTreeMap::new();
-    for peer in relay.peers()? {
-        match list_peer(peer, relay) {
+    let peers = relay.peers()?;
+    // Many peers at once (a lookup returns a few dozen by default), so that
+    // frozen peers cost one timeout in all, not one each.
+    let mut answers = Vec::with_capacity(peers.len());
+    for group in peers.chunks(MAX_PARALLEL) {
+        thread::scope(|scope| {
+            let asks: Vec<_> = group
+                .iter()
+                .map(|&peer| scope.spawn(move || list_peer(peer, relay)))
+                .collect();
+            for ask in asks {
+                answers.push(ask.join().unwrap_or_else(|_| Err("listing failed".into())));
+            }
+        });
+    }
+    for (peer, answer) in peers.into_iter().zip(answers) {
+        match answer {
             Ok(entries) => {
                 for FileEntry { size, name } in entries {
                     if pattern.is_some_and(|p| !name.as_str().contains(p)) {

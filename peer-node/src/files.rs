@@ -21,33 +21,59 @@ use protocol::{
     ContentHash, ErrorCode, ErrorReply, FileName,
 };
 
-/// How many content hashes are remembered before the cache starts over.
-const HASH_CACHE_LEN: usize = 4096;
+/// How many content hashes are remembered: more than a folder can list, so
+/// that warming up never evicts its own work.
+const HASH_CACHE_LEN: usize = 2 * MAX_FILES;
 /// How deep `LIST` descends into subfolders.
 const MAX_DEPTH: usize = 16;
-/// Files up to this size are hashed while their first request waits (about
-/// a second); bigger ones in the background, their requests answered `busy`
-/// meanwhile, rather than left waiting past the client's timeout.
-const INLINE_HASH_MAX: u64 = 1 << 30;
+/// Files up to this size are hashed while their first request waits (well
+/// under a second, even from disk); bigger ones in the background, their
+/// requests answered `busy` meanwhile (clients ask again), rather than left
+/// waiting past the client's timeout.
+const INLINE_HASH_MAX: u64 = 64 << 20;
 /// Big files hashed in the background at once.
 const MAX_BACKGROUND_HASHES: usize = 2;
 
 pub struct Library {
     /// Canonical (symlink-free, absolute) path of the served folder.
     root: PathBuf,
-    /// Hash of each file as of its size and modification time, so a file
-    /// is read for hashing once, not once per request.
+    /// Hash of each file per version of it, so that a file is read for
+    /// hashing once, not once per request.
     hashes: Mutex<HashMap<PathBuf, Entry>>,
     background: Arc<AtomicUsize>,
     inline_hash_max: u64,
 }
 
 struct Entry {
-    size: u64,
-    modified: SystemTime,
+    version: Version,
     /// Filled by whichever request hashes first; the others wait on the
     /// lock instead of reading the file again.
     hash: Arc<Mutex<Option<ContentHash>>>,
+}
+
+/// What tells one version of a file's content from another. Size and
+/// modification time can be kept by a replacement (`rsync -a`, `cp -p`,
+/// `touch -r`, then `mv`); the inode and the change time cannot, since no
+/// program can set ctime.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Version {
+    size: u64,
+    modified: SystemTime,
+    #[cfg(unix)]
+    inode: (u64, u64, i64, i64),
+}
+
+impl Version {
+    fn of(meta: &fs::Metadata) -> Self {
+        #[cfg(unix)]
+        use std::os::unix::fs::MetadataExt;
+        Version {
+            size: meta.len(),
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            #[cfg(unix)]
+            inode: (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 /// A file ready to be sent.
@@ -92,8 +118,7 @@ impl Library {
             return Err(not_found(name));
         }
         let size = meta.len();
-        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        let slot = self.slot(&path, size, modified);
+        let slot = self.slot(&path, Version::of(&meta));
         let hash = if size <= self.inline_hash_max || always_inline {
             hash_into(&slot, &file, size).map_err(|e| io_refusal(name, &e))?
         } else {
@@ -119,25 +144,22 @@ impl Library {
     }
 
     /// The cache entry for this version of the file at `path`.
-    fn slot(
-        &self,
-        path: &Path,
-        size: u64,
-        modified: SystemTime,
-    ) -> Arc<Mutex<Option<ContentHash>>> {
+    fn slot(&self, path: &Path, version: Version) -> Arc<Mutex<Option<ContentHash>>> {
         let mut cache = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = cache.get(path) {
-            if (entry.size, entry.modified) == (size, modified) {
+            if entry.version == version {
                 return Arc::clone(&entry.hash);
             }
         }
         if cache.len() >= HASH_CACHE_LEN {
-            cache.clear();
+            // Full (a folder that keeps changing): make room for one.
+            if let Some(old) = cache.keys().next().cloned() {
+                cache.remove(&old);
+            }
         }
         let hash = Arc::default();
         let entry = Entry {
-            size,
-            modified,
+            version,
             hash: Arc::clone(&hash),
         };
         cache.insert(path.to_path_buf(), entry);
@@ -372,6 +394,31 @@ mod tests {
     }
 
     #[test]
+    fn a_replacement_with_the_same_size_and_time_is_hashed_again() {
+        let (_outside, dir, lib) = setup();
+        let path = dir.path().join("a.txt");
+        assert_eq!(
+            lib.open_file(&name("a.txt")).unwrap().hash,
+            blake3::hash(b"hello")
+        );
+        let modified = fs::metadata(&path).unwrap().modified().unwrap();
+        // Like `rsync -a`: same size, same modification time, new content.
+        let new = dir.path().join("new");
+        fs::write(&new, "HELLO").unwrap();
+        File::options()
+            .write(true)
+            .open(&new)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+        fs::rename(&new, &path).unwrap();
+        assert_eq!(
+            lib.open_file(&name("a.txt")).unwrap().hash,
+            blake3::hash(b"HELLO")
+        );
+    }
+
+    #[test]
     fn a_growing_file_hashes_to_the_size_sent() {
         let (_outside, dir, lib) = setup();
         let served = lib.open_file(&name("a.txt")).unwrap();
@@ -389,7 +436,7 @@ mod tests {
         let first = lib.open_file(&name("a.txt")).unwrap();
         let meta = first.file.metadata().unwrap();
         let path = fs::canonicalize(lib.root().join("a.txt")).unwrap();
-        let slot = lib.slot(&path, meta.len(), meta.modified().unwrap());
+        let slot = lib.slot(&path, Version::of(&meta));
         assert_eq!(*slot.lock().unwrap(), Some(blake3::hash(b"hello")));
     }
 

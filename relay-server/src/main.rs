@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     idle_timeout: u64,
     /// More log output (debug); RUST_LOG overrides
-    #[arg(short, long, env = "RELAY_VERBOSE", value_parser = FalseyValueParser::new(), conflicts_with = "quiet")]
+    #[arg(short, long, env = "RELAY_VERBOSE", value_parser = FalseyValueParser::new())]
     verbose: bool,
     /// Less log output (warnings and errors only); RUST_LOG overrides
     #[arg(short, long, env = "RELAY_QUIET", value_parser = FalseyValueParser::new())]

@@ -116,8 +116,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let _ = queue.send(stream);
             continue;
         }
-        // Every thread is busy: start one more. Threads never outnumber the
-        // open connections, so `max_connections` bounds them too.
+        // Every thread is busy: start one more. A thread starts only when
+        // none is idle, so there are never more than `max_connections`.
         let (handler, waiting) = (Arc::clone(&relay), Arc::clone(&waiting));
         let spawned = thread::Builder::new()
             .name("conn".into())
@@ -166,13 +166,23 @@ fn work(relay: &Relay, waiting: &Mutex<mpsc::Receiver<TcpStream>>, first: TcpStr
         handle(relay, stream);
         relay.open.fetch_sub(1, Ordering::SeqCst);
         relay.idle.fetch_add(1, Ordering::SeqCst);
-        // Bounded: each turn either gets a connection or leaves, except when
-        // the accept loop claimed this idle slot and its connection is on the way.
+        // Each idle thread has its own deadline (threads queued on the lock
+        // check theirs when they get it), so a burst's threads all leave
+        // KEEP_IDLE after it, even while traffic trickles on. A thread
+        // whose slot the accept loop already claimed waits for the
+        // connection that is on its way; one always is (idle threads =
+        // `idle` + connections sent but not yet received).
+        let until = Instant::now() + KEEP_IDLE;
+        let mut promised = false;
         while next.is_none() {
-            let got = waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .recv_timeout(KEEP_IDLE);
+            let receiver = waiting.lock().unwrap_or_else(|p| p.into_inner());
+            let got = if promised {
+                receiver
+                    .recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                receiver.recv_timeout(until.saturating_duration_since(Instant::now()))
+            };
             match got {
                 Ok(stream) => next = Some(stream),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -184,6 +194,7 @@ fn work(relay: &Relay, waiting: &Mutex<mpsc::Receiver<TcpStream>>, first: TcpStr
                     if unclaimed {
                         return;
                     }
+                    promised = true;
                 }
             }
         }

@@ -321,3 +321,28 @@ fn a_failed_fetch_leaves_an_existing_file_alone() {
         "temporary files left behind"
     );
 }
+
+#[test]
+fn frozen_peers_cost_ls_one_timeout_in_all() {
+    let dirs: Vec<_> = (0..4).map(|_| folder_with(&[("x.txt", b"x")])).collect();
+    let net = Network::start(&dirs.iter().map(|d| d.path()).collect::<Vec<_>>());
+    for peer in &net.peers[1..] {
+        peer.signal("STOP");
+    }
+    let started = Instant::now();
+    let out = net.client(&["--timeout", "1", "ls"]);
+    // One at a time, three frozen peers would take three seconds.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("x.txt"), "{}", stdout(&out));
+    assert_eq!(
+        stderr(&out).matches("timed out").count(),
+        3,
+        "{}",
+        stderr(&out)
+    );
+}

@@ -379,3 +379,27 @@ fn completions_and_man_pages_need_no_other_arguments() {
         assert_eq!(out.status.code(), Some(2), "{name}");
     }
 }
+
+#[test]
+fn verbosity_from_the_environment_does_not_clash_with_the_command_line() {
+    let relay = Server::start_with_env(
+        "relay-server",
+        &["0", "--bind", "127.0.0.1", "-q"],
+        &[("RELAY_VERBOSE", "0")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = relay.port();
+    let _peer = Server::start_with_env(
+        "peer-node",
+        &[
+            "127.0.0.1",
+            &port,
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--bind",
+            "127.0.0.1",
+            "-v",
+        ],
+        &[("PEER_QUIET", "1")],
+    );
+}
