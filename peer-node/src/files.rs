@@ -110,12 +110,22 @@ impl Library {
 
     fn open_hashed(&self, name: &FileName, always_inline: bool) -> Result<Served, ErrorReply> {
         let path = self.resolve(name)?;
-        let file = File::open(&path).map_err(|e| io_refusal(name, &e))?;
+        // The path was checked a moment ago; whoever can write to the folder
+        // could have swapped something in since. So open without following
+        // a final symlink and without blocking (a FIFO would block the
+        // open), then check what was actually opened.
+        let file = open_checked(&path).map_err(|e| io_refusal(name, &e))?;
         // Size and time of the open file itself, not of whatever the path
         // points to by now.
         let meta = file.metadata().map_err(|e| io_refusal(name, &e))?;
         if !meta.is_file() {
             return Err(not_found(name));
+        }
+        if !self.holds(&file) {
+            return Err(ErrorReply::new(
+                ErrorCode::Forbidden,
+                format!("{name:?} leads outside the shared folder"),
+            ));
         }
         let size = meta.len();
         let slot = self.slot(&path, Version::of(&meta));
@@ -125,6 +135,21 @@ impl Library {
             self.hash_in_background(name, slot, path, size)?
         };
         Ok(Served { file, size, hash })
+    }
+
+    /// Whether an open file lies inside the folder, judged by where the
+    /// kernel says it is (Linux); elsewhere the check of its path stands.
+    fn holds(&self, file: &File) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+            if let Ok(real) = fs::read_link(fd) {
+                return real.starts_with(&self.root);
+            }
+        }
+        let _ = file;
+        true
     }
 
     fn resolve(&self, name: &FileName) -> Result<PathBuf, ErrorReply> {
@@ -203,7 +228,7 @@ impl Library {
         let name = name.clone();
         let spawned = thread::Builder::new().name("hash".into()).spawn(move || {
             let started = Instant::now();
-            match File::open(&path).and_then(|file| hash_into(&slot, &file, size)) {
+            match open_checked(&path).and_then(|file| hash_into(&slot, &file, size)) {
                 Ok(_) => info!(
                     "hashed {name:?} ({size} bytes) in {:.1?}",
                     started.elapsed()
@@ -292,6 +317,19 @@ impl Library {
     }
 }
 
+/// Opens for reading without following a final symlink or blocking on a
+/// FIFO (non-blocking mode changes nothing for regular files).
+fn open_checked(path: &Path) -> io::Result<File> {
+    let mut options = File::options();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    options.open(path)
+}
+
 /// Hashes the first `size` bytes of `file` into `slot`, unless a request
 /// for the same version already did; waits if one is at it.
 fn hash_into(slot: &Mutex<Option<ContentHash>>, file: &File, size: u64) -> io::Result<ContentHash> {
@@ -365,6 +403,31 @@ mod tests {
             let err = lib.open_file(&name(n)).err().unwrap();
             assert_eq!(err.code, ErrorCode::Forbidden, "{n}");
         }
+    }
+
+    #[test]
+    fn an_open_file_is_judged_by_where_it_really_is() {
+        let (outside, _dir, lib) = setup();
+        let inside = File::open(lib.root().join("a.txt")).unwrap();
+        assert!(lib.holds(&inside));
+        let secret = File::open(outside.path().join("secret")).unwrap();
+        assert!(!lib.holds(&secret));
+    }
+
+    #[test]
+    fn a_fifo_or_a_final_symlink_is_not_opened_blindly() {
+        let (_outside, dir, _lib) = setup();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Would block forever without O_NONBLOCK: no writer ever comes.
+        let opened = open_checked(&fifo).unwrap();
+        assert!(!opened.metadata().unwrap().is_file());
+        // A symlink as the last part is refused, not followed.
+        assert!(open_checked(&dir.path().join("escape")).is_err());
     }
 
     #[test]
