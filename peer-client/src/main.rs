@@ -51,8 +51,9 @@ struct Args {
     command: Option<Command>,
 }
 
-const EXIT_CODES: &str = "Exit codes: 0 success, 1 file not found on any peer, 2 usage error, \
-3 network error (relay or peers unreachable, transfer failed), 4 local error (cannot write the output)";
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 not found (every live peer answered that it \
+does not have the file, or none is live), 2 usage error, 3 network error (relay or a peer \
+unreachable, busy or refusing, transfer failed: worth a retry), 4 local error (cannot write the output)";
 
 #[derive(Subcommand)]
 enum Command {
