@@ -152,6 +152,9 @@ impl Library {
         true
     }
 
+    /// The real path of `name` once every symlink is followed, if it is
+    /// inside the folder. Whether it is a regular file is for the caller to
+    /// check, on the file it opens.
     fn resolve(&self, name: &FileName) -> Result<PathBuf, ErrorReply> {
         let real =
             fs::canonicalize(self.root.join(name.to_path())).map_err(|e| io_refusal(name, &e))?;
@@ -161,11 +164,7 @@ impl Library {
                 format!("{name:?} leads outside the shared folder"),
             ));
         }
-        match fs::metadata(&real) {
-            Ok(meta) if meta.is_file() => Ok(real),
-            Ok(_) => Err(not_found(name)),
-            Err(e) => Err(io_refusal(name, &e)),
-        }
+        Ok(real)
     }
 
     /// The cache entry for this version of the file at `path`.
@@ -305,7 +304,7 @@ impl Library {
             } else if kind.is_file() || (kind.is_symlink() && self.resolve(&name).is_ok()) {
                 // Symlinks are listed only when they lead to a file inside;
                 // symlinked folders are not entered, so no loops.
-                if let Ok(meta) = fs::metadata(entry.path()) {
+                if let Some(meta) = fs::metadata(entry.path()).ok().filter(|m| m.is_file()) {
                     out.push(FileEntry {
                         size: meta.len(),
                         name,
@@ -379,6 +378,7 @@ mod tests {
         symlink(outside.path().join("secret"), dir.path().join("escape")).unwrap();
         symlink(outside.path(), dir.path().join("escape-dir")).unwrap();
         symlink(dir.path().join("a.txt"), dir.path().join("alias")).unwrap();
+        symlink(dir.path().join("sub"), dir.path().join("subalias")).unwrap();
         let lib = Library::open(dir.path()).unwrap();
         (outside, dir, lib)
     }
