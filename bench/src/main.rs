@@ -232,16 +232,8 @@ fn build() -> anyhow::Result<PathBuf> {
     eprintln!("building relay-server, peer-node and peer-client in release mode");
     let status = Command::new(cargo)
         .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "relay-server",
-            "-p",
-            "peer-node",
-            "-p",
-            "peer-client",
-        ])
+        // The root package builds the three binaries.
+        .args(["build", "--release", "-p", "relay-p2p", "--bins"])
         .status()
         .context("cannot run cargo")?;
     if !status.success() {

@@ -59,7 +59,7 @@ impl Catalog {
                 // Also after a failure, so that a relay that is down is not asked on every Tab.
                 state.fetched = Some(Instant::now());
                 match files {
-                    Ok(files) => state.names = names(&files),
+                    Ok(listing) => state.names = names(&listing.files),
                     Err(e) => log::debug!("cannot list files for completion: {e}"),
                 }
             });

@@ -1,40 +1,62 @@
 //! Talking to the relay: who is live, and how is the relay doing.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
+use netkit::call::{self, CallError};
 use protocol::{
     relay::{Request, Response},
     PeerAddr, ProtocolError,
 };
 
-use crate::net;
-
 /// Where the relay is, and how long to wait for it.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Relay {
+    /// Host name or IP address.
     pub host: String,
+    /// TCP port.
     pub port: u16,
+    /// The longest any step of a conversation may take.
     pub timeout: Duration,
 }
 
+/// A conversation with the relay failed.
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error("cannot reach relay {0}: {1}")]
-    Unreachable(String, String),
-    #[error("relay {0} gave a bad reply: {1}")]
-    BadReply(String, ProtocolError),
-    #[error("relay {0} refused: {1}")]
-    Refused(String, protocol::ErrorReply),
+#[error("{}", self.describe())]
+pub struct RelayError {
+    /// The relay, as `host:port`.
+    pub relay: String,
+    /// What went wrong.
+    #[source]
+    pub source: CallError,
+}
+
+impl RelayError {
+    fn describe(&self) -> String {
+        match &self.source {
+            CallError::Resolve(_) | CallError::Io { .. } => {
+                format!("cannot reach relay {}: {}", self.relay, self.source)
+            }
+            _ => format!("relay {}: {}", self.relay, self.source),
+        }
+    }
 }
 
 impl Relay {
+    /// The live peers, each once.
     pub fn peers(&self) -> Result<Vec<PeerAddr>, RelayError> {
         match self.call(Request::Peers)? {
-            Response::Peers(peers) => Ok(peers),
+            Response::Peers(mut peers) => {
+                // A relay, or something posing as one, may list a peer
+                // twice; asking it twice would only cost time.
+                let mut seen = std::collections::HashSet::new();
+                peers.retain(|p| seen.insert(*p));
+                Ok(peers)
+            }
             other => Err(self.unexpected(other)),
         }
     }
 
+    /// The relay's counters.
     pub fn stats(&self) -> Result<Vec<(String, u64)>, RelayError> {
         match self.call(Request::Stats)? {
             Response::Stats(stats) => Ok(stats),
@@ -43,30 +65,35 @@ impl Relay {
     }
 
     fn call(&self, request: Request) -> Result<Response, RelayError> {
-        let addr = self.to_string();
-        let unreachable =
-            |e: std::io::Error| RelayError::Unreachable(addr.clone(), net::describe(&e));
-        let stream =
-            net::connect((self.host.as_str(), self.port), self.timeout).map_err(unreachable)?;
-        let mut reply = net::send(&stream, |w| request.write_to(w)).map_err(unreachable)?;
-        match Response::read_from(&mut reply) {
-            Ok(Response::Error(e)) => Err(RelayError::Refused(addr, e)),
+        let reply = call::call(
+            (self.host.as_str(), self.port),
+            self.timeout,
+            |w| request.write_to(w),
+            |r| Response::read_from(r),
+        );
+        match reply {
+            Ok(Response::Error(e)) => Err(self.error(CallError::Refused(e))),
             Ok(response) => Ok(response),
-            Err(ProtocolError::Io(e)) => Err(unreachable(e)),
-            Err(e) => Err(RelayError::BadReply(addr, e)),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn error(&self, source: CallError) -> RelayError {
+        RelayError {
+            relay: self.to_string(),
+            source,
         }
     }
 
     fn unexpected(&self, response: Response) -> RelayError {
-        RelayError::BadReply(
-            self.to_string(),
-            ProtocolError::UnexpectedReply(format!("{response:?}")),
-        )
+        self.error(CallError::BadReply(ProtocolError::UnexpectedReply(
+            format!("{response:?}"),
+        )))
     }
 }
 
-impl std::fmt::Display for Relay {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for Relay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {
             write!(f, "[{}]:{}", self.host, self.port)
         } else {

@@ -8,18 +8,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use netkit::call::{Call, CallError, Phase};
 use protocol::{
     peer::{FileHeader, Request, Response},
     ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
 };
 
-use crate::net;
-
 /// Longest pause before asking busy peers again.
 const MAX_PAUSE: Duration = Duration::from_secs(4);
 
 /// Read buffer for content: big enough that hashing and writing work on
-/// large slices, allocated once per fetch.
+/// large slices, allocated once per fetch (the connection's own buffer is
+/// bypassed for reads this big).
 const CHUNK: usize = 1 << 20;
 
 /// Where fetched bytes go.
@@ -89,8 +89,8 @@ enum Attempt {
     Done(Fetched),
     /// The peer does not have the file.
     Missing,
-    /// The peer could not be asked, or refused; `why` says which.
-    Skipped(String),
+    /// The peer could not be asked, or refused; the error says which.
+    Skipped(CallError),
     /// The peer asks to be asked again later.
     Busy(String),
     /// The peer has the file but did not deliver all of it.
@@ -137,10 +137,8 @@ impl Fetcher<'_> {
                         }
                         Attempt::Missing => missing += 1,
                         Attempt::Busy(why) => busy.push((peer, why)),
-                        Attempt::Skipped(why) | Attempt::Broke(why) => {
-                            (self.note)(&format!("peer {peer}: {why}"));
-                            skipped.push(format!("{peer}: {why}"));
-                        }
+                        Attempt::Skipped(why) => self.skip(&mut skipped, peer, &why),
+                        Attempt::Broke(why) => self.skip(&mut skipped, peer, &why),
                         Attempt::OtherVersion if !retried && restart(sink, name)? => {
                             (self.note)(&format!(
                                 "peer {peer}: has another version of {name:?}; starting over from it"
@@ -207,6 +205,12 @@ impl Fetcher<'_> {
         })
     }
 
+    /// Notes why `peer` was passed over.
+    fn skip(&mut self, skipped: &mut Vec<String>, peer: PeerAddr, why: &dyn std::fmt::Display) {
+        (self.note)(&format!("peer {peer}: {why}"));
+        skipped.push(format!("{peer}: {why}"));
+    }
+
     fn attempt(
         &mut self,
         peer: PeerAddr,
@@ -216,34 +220,39 @@ impl Fetcher<'_> {
         buf: &mut [u8],
     ) -> Result<Attempt, FetchError> {
         let offset = partial.as_ref().map_or(0, |p| p.received);
-        let stream = match net::connect(peer.socket_addr(), self.timeout) {
-            Ok(stream) => stream,
-            Err(e) => return Ok(Attempt::Skipped(net::describe(&e))),
-        };
         let request = Request::Get {
             name: name.clone(),
             offset,
         };
-        let mut reader = match net::send(&stream, |w| request.write_to(w)) {
-            Ok(reader) => reader,
-            Err(e) => return Ok(Attempt::Skipped(net::describe(&e))),
-        };
-        let header = match Response::read_from(&mut reader) {
-            Ok(Response::File(header)) => header,
-            Ok(Response::Error(e)) if e.code == ErrorCode::NotFound => return Ok(Attempt::Missing),
-            Ok(Response::Error(e)) if e.code == ErrorCode::Busy => {
+        // The header must arrive whole within the timeout: a peer dripping
+        // it byte by byte cannot hold the client longer.
+        let reply = Call::connect(peer.socket_addr(), self.timeout).and_then(|mut call| {
+            call.send(|w| request.write_to(w))?;
+            let header = call.receive(|r| Response::read_from(r))?;
+            Ok((call, header))
+        });
+        let (mut call, header) = match reply {
+            Ok((call, Response::File(header))) => (call, header),
+            Ok((_, Response::Error(e))) if e.code == ErrorCode::NotFound => {
+                return Ok(Attempt::Missing)
+            }
+            Ok((_, Response::Error(e))) if e.code == ErrorCode::Busy => {
                 return Ok(Attempt::Busy(format!("busy: {}", e.message)))
             }
             // Asked to resume past the end of the peer's file: it has
             // another, shorter version.
-            Ok(Response::Error(e)) if offset > 0 && e.code == ErrorCode::BadRequest => {
+            Ok((_, Response::Error(e))) if offset > 0 && e.code == ErrorCode::BadRequest => {
                 return Ok(Attempt::OtherVersion)
             }
-            Ok(Response::Error(e)) => return Ok(Attempt::Skipped(format!("refused: {e}"))),
-            Ok(other) => return Ok(Attempt::Skipped(format!("unexpected reply {other:?}"))),
-            Err(ProtocolError::Io(e)) => return Ok(Attempt::Skipped(net::describe(&e))),
-            Err(e) => return Ok(Attempt::Skipped(format!("bad reply: {e}"))),
+            Ok((_, Response::Error(e))) => return Ok(Attempt::Skipped(CallError::Refused(e))),
+            Ok((_, other)) => {
+                return Ok(Attempt::Skipped(CallError::BadReply(
+                    ProtocolError::UnexpectedReply(format!("{other:?}")),
+                )))
+            }
+            Err(e) => return Ok(Attempt::Skipped(e)),
         };
+        let reader = call.content();
         let p = match partial {
             Some(p) if (p.size, p.hash) != (header.size, header.hash) => {
                 if p.received > 0 {
@@ -266,12 +275,15 @@ impl Fetcher<'_> {
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
+                Err(source) => {
                     return Ok(Attempt::Broke(format!(
                         "transfer broke at {} of {} bytes: {}",
                         p.received,
                         p.size,
-                        net::describe(&e)
+                        CallError::Io {
+                            phase: Phase::Content,
+                            source
+                        }
                     )))
                 }
             };

@@ -24,13 +24,27 @@ const MAX_INPUT: usize = 64 * 1024;
 
 const PROMPT: &str = "> ";
 
+/// Why the prompt cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// The line editor failed (it talks to the terminal).
+    #[error("cannot read input: {0}")]
+    Editor(#[from] ReadlineError),
+    /// Standard input failed.
+    #[error("cannot read input: {0}")]
+    Read(#[source] io::Error),
+    /// A line longer than anyone types.
+    #[error("input line longer than {MAX_INPUT} bytes")]
+    TooLong,
+}
+
 pub enum Input {
     Editor(Box<Editor<Completion, DefaultHistory>>),
     Plain(StdinLock<'static>),
 }
 
 impl Input {
-    pub fn open(relay: &Relay, catalog: &Catalog) -> anyhow::Result<Input> {
+    pub fn open(relay: &Relay, catalog: &Catalog) -> Result<Input, InputError> {
         if !line_editing() {
             return Ok(Input::Plain(io::stdin().lock()));
         }
@@ -53,14 +67,14 @@ impl Input {
     }
 
     /// The next line, without its line end; `None` at end of input.
-    pub fn next_line(&mut self) -> anyhow::Result<Option<String>> {
+    pub fn next_line(&mut self) -> Result<Option<String>, InputError> {
         match self {
             Input::Editor(editor) => match editor.readline(PROMPT) {
                 Ok(line) => Ok(Some(line)),
                 // Ctrl-C drops the line being typed, as in a shell.
                 Err(ReadlineError::Interrupted) => Ok(Some(String::new())),
                 Err(ReadlineError::Eof) => Ok(None),
-                Err(e) => Err(anyhow::anyhow!("cannot read input: {e}")),
+                Err(e) => Err(InputError::Editor(e)),
             },
             Input::Plain(stdin) => {
                 eprint!("{PROMPT}");
@@ -69,10 +83,10 @@ impl Input {
                 match stdin.by_ref().take(MAX_INPUT as u64).read_line(&mut line) {
                     Ok(0) => Ok(None),
                     Ok(_) if line.len() == MAX_INPUT && !line.ends_with('\n') => {
-                        anyhow::bail!("input line longer than {MAX_INPUT} bytes")
+                        Err(InputError::TooLong)
                     }
                     Ok(_) => Ok(Some(line.trim_end_matches(['\n', '\r']).to_string())),
-                    Err(e) => Err(anyhow::anyhow!("cannot read input: {e}")),
+                    Err(e) => Err(InputError::Read(e)),
                 }
             }
         }

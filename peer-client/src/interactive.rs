@@ -34,11 +34,8 @@ pub fn run(relay: &Relay) -> Result<(), Failure> {
         peers.len()
     );
     let catalog = Catalog::default();
-    let mut input = Input::open(relay, &catalog).map_err(|e| Failure::Local(format!("{e:#}")))?;
-    while let Some(line) = input
-        .next_line()
-        .map_err(|e| Failure::Local(format!("{e:#}")))?
-    {
+    let mut input = Input::open(relay, &catalog)?;
+    while let Some(line) = input.next_line()? {
         let line = line.trim();
         let (command, rest) = line
             .split_once(' ')
@@ -72,12 +69,16 @@ fn refresh(relay: &Relay, peers: &mut Vec<PeerAddr>) {
 fn ls(relay: &Relay, catalog: &Catalog, pattern: &str) {
     let pattern = Some(pattern).filter(|p| !p.is_empty());
     match listing::collect(relay, pattern, &mut |l| eprintln!("{l}")) {
-        Ok(files) => {
+        Ok(listing) => {
             if pattern.is_none() {
-                catalog.set(&files);
+                catalog.set(&listing.files);
             }
-            show(print::files(&mut io::stdout(), &files, Format::Text));
-            eprintln!("{} files", files.len());
+            show(print::files(
+                &mut io::stdout(),
+                &listing.files,
+                Format::Text,
+            ));
+            eprintln!("{} files", listing.files.len());
         }
         Err(e) => eprintln!("{e}"),
     }

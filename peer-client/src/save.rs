@@ -14,11 +14,16 @@ use tempfile::NamedTempFile;
 
 use crate::fetch::Sink;
 
+/// Why content cannot be saved where the user asked.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct SaveError(#[from] anyhow::Error);
+
 /// Temporary files of downloads in progress, removed if the user interrupts.
 static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// On Ctrl-C or SIGTERM, remove partial downloads before exiting.
-pub fn clean_up_on_interrupt() -> anyhow::Result<()> {
+pub fn clean_up_on_interrupt() -> io::Result<()> {
     ctrlc::set_handler(|| {
         let pending = IN_PROGRESS.lock().unwrap_or_else(|p| p.into_inner());
         for path in pending.iter() {
@@ -27,7 +32,7 @@ pub fn clean_up_on_interrupt() -> anyhow::Result<()> {
         eprintln!("interrupted");
         std::process::exit(130);
     })
-    .context("cannot install the signal handler")
+    .map_err(io::Error::other)
 }
 
 /// Raw standard output: content is written in large chunks straight to the
@@ -93,7 +98,11 @@ pub struct FileSink {
 impl FileSink {
     /// Prepares to save to `dest`; a folder means a file in it named like
     /// the last part of `name`.
-    pub fn create(dest: &Path, name: &protocol::FileName) -> anyhow::Result<Self> {
+    pub fn create(dest: &Path, name: &protocol::FileName) -> Result<Self, SaveError> {
+        Self::create_inner(dest, name).map_err(SaveError)
+    }
+
+    fn create_inner(dest: &Path, name: &protocol::FileName) -> anyhow::Result<Self> {
         // Checked now, not after a long download.
         let dest = if dest.is_dir() {
             let base = name.as_str().rsplit('/').next().unwrap_or(name.as_str());
@@ -140,7 +149,11 @@ impl FileSink {
     }
 
     /// Moves the complete file into place.
-    pub fn commit(mut self) -> anyhow::Result<PathBuf> {
+    pub fn commit(self) -> Result<PathBuf, SaveError> {
+        self.commit_inner().map_err(SaveError)
+    }
+
+    fn commit_inner(mut self) -> anyhow::Result<PathBuf> {
         let temp = self.temp.take().context("download already saved")?;
         let dest = self.dest.clone();
         let temp_path = temp.path().to_path_buf();

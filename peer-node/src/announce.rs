@@ -1,51 +1,63 @@
 //! Keeping this peer on the relay's list: register at start, heartbeat on
 //! an interval, retry with backoff while the relay is away, and unregister
-//! on the way out.
+//! on the way out. One thread does all of it, so UNREGISTER is always the
+//! last thing the relay hears from this peer: no heartbeat can overtake it
+//! and list a stopped peer again.
 
 use std::{
-    io::BufReader,
-    net::{IpAddr, TcpStream, ToSocketAddrs},
+    net::{IpAddr, TcpStream},
+    sync::Mutex,
     time::Duration,
 };
 
-use anyhow::{anyhow, bail, Context};
 use log::{info, warn};
-use protocol::{
-    describe_io,
-    relay::{Request, Response},
-    ProtocolError,
+use netkit::{
+    call::{Call, CallError},
+    Shutdown,
 };
-
-use crate::shutdown::Shutdown;
+use protocol::relay::{Request, Response};
 
 /// Longest wait between two attempts while the relay cannot be reached.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest a shutdown waits for the relay to take note.
-const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub struct Announcer {
+pub(crate) struct Announcer {
     /// `host:port` of the relay, resolved again on every attempt.
-    pub relay: String,
+    pub(crate) relay: String,
     /// The port this peer serves on.
-    pub port: u16,
+    pub(crate) port: u16,
     /// The address to be listed under instead of the one seen by the relay.
-    pub advertise: Option<IpAddr>,
-    pub heartbeat: Duration,
-    pub timeout: Duration,
+    pub(crate) advertise: Option<IpAddr>,
+    pub(crate) heartbeat: Duration,
+    pub(crate) timeout: Duration,
+    /// The connection of the registration in flight, so that a shutdown
+    /// can cut it short instead of waiting out a frozen relay.
+    pub(crate) in_flight: Mutex<Option<TcpStream>>,
+}
+
+/// Why one exchange with the relay failed.
+#[derive(Debug, thiserror::Error)]
+enum AnnounceError {
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error("relay said: {0}")]
+    Refused(protocol::ErrorReply),
+    #[error("unexpected reply {0:?}")]
+    Unexpected(Response),
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 impl Announcer {
-    /// Registers now and then every heartbeat, until shutdown.
-    pub fn run(&self, shutdown: &Shutdown) {
+    /// Registers now and then every heartbeat until shutdown; then
+    /// unregisters, as its last word.
+    pub(crate) fn run(&self, shutdown: &Shutdown) {
         let mut backoff = Duration::from_secs(1);
         let mut registered = false;
-        loop {
-            let request = Request::Register {
-                port: self.port,
-                host: self.advertise,
-            };
-            let wait = match self.call(request, self.timeout, Some(shutdown)) {
-                Ok(Response::Registered { ttl_secs }) => {
+        while !shutdown.is_triggered() {
+            let wait = match self.register(shutdown) {
+                Ok(ttl_secs) => {
                     if !registered {
                         info!("registered with relay {} (ttl {ttl_secs}s)", self.relay);
                         if self.heartbeat.as_secs() >= ttl_secs {
@@ -60,14 +72,10 @@ impl Announcer {
                     backoff = Duration::from_secs(1);
                     self.heartbeat
                 }
-                _ if shutdown.is_triggered() => return,
-                outcome => {
-                    let why = match outcome {
-                        Ok(other) => unexpected(other),
-                        Err(e) => e,
-                    };
+                Err(_) if shutdown.is_triggered() => break,
+                Err(why) => {
                     warn!(
-                        "cannot register with relay {}: {why:#}; retrying in {}s",
+                        "cannot register with relay {}: {why}; retrying in {}s",
                         self.relay,
                         backoff.as_secs()
                     );
@@ -80,76 +88,82 @@ impl Announcer {
                 }
             };
             if shutdown.sleep(wait) {
-                return;
+                break;
             }
+        }
+        self.unregister();
+    }
+
+    /// Cuts short a registration in flight (called after the shutdown
+    /// signal), so that the unregistration follows at once.
+    pub(crate) fn interrupt(&self) {
+        let taken = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(stream) = taken {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn register(&self, shutdown: &Shutdown) -> Result<u64, AnnounceError> {
+        let request = Request::Register {
+            port: self.port,
+            host: self.advertise,
+        };
+        let mut call = Call::connect(&self.relay, self.timeout)?;
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            // Checked after the connection is on record: a shutdown that
+            // came before is seen here, one that comes after can cut it.
+            if shutdown.is_triggered() {
+                return Err(AnnounceError::ShuttingDown);
+            }
+            *in_flight = call.stream().try_clone().ok();
+        }
+        let reply = self.exchange(&mut call, &request);
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match reply? {
+            Response::Registered { ttl_secs } => Ok(ttl_secs),
+            other => Err(unexpected(other)),
         }
     }
 
     /// Asks the relay to forget this peer at once.
-    pub fn unregister(&self) {
+    fn unregister(&self) {
         // Shutdown must stay quick even with a frozen relay.
         let timeout = self.timeout.min(UNREGISTER_TIMEOUT);
         let request = Request::Unregister {
             port: self.port,
             host: self.advertise,
         };
-        match self.call(request, timeout, None) {
+        let outcome = Call::connect(&self.relay, timeout)
+            .map_err(AnnounceError::from)
+            .and_then(|mut call| self.exchange(&mut call, &request));
+        match outcome {
             Ok(Response::Unregistered) => info!("unregistered from relay {}", self.relay),
             Ok(other) => warn!(
-                "cannot unregister from relay {}: {:#}",
+                "cannot unregister from relay {}: {}",
                 self.relay,
                 unexpected(other)
             ),
-            Err(e) => warn!("cannot unregister from relay {}: {e:#}", self.relay),
+            Err(e) => warn!("cannot unregister from relay {}: {e}", self.relay),
         }
     }
 
-    /// One request to the relay. With `shutdown`, nothing is sent once it
-    /// is triggered, so a late heartbeat cannot undo the unregistration.
-    fn call(
-        &self,
-        request: Request,
-        timeout: Duration,
-        shutdown: Option<&Shutdown>,
-    ) -> anyhow::Result<Response> {
-        let stream = self.connect(timeout)?;
-        if shutdown.is_some_and(Shutdown::is_triggered) {
-            bail!("shutting down");
-        }
-        let exchange = || -> Result<Response, ProtocolError> {
-            stream.set_read_timeout(Some(timeout))?;
-            stream.set_write_timeout(Some(timeout))?;
-            request.write_to(&mut &stream)?;
-            Response::read_from(&mut BufReader::new(&stream))
-        };
-        exchange().map_err(|e| match e {
-            ProtocolError::Io(e) => anyhow!("{}", describe_io(&e)),
-            e => e.into(),
-        })
-    }
-
-    fn connect(&self, timeout: Duration) -> anyhow::Result<TcpStream> {
-        let addrs = self
-            .relay
-            .to_socket_addrs()
-            .with_context(|| format!("cannot resolve {}", self.relay))?;
-        let mut last = None;
-        for addr in addrs {
-            match TcpStream::connect_timeout(&addr, timeout) {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = Some(e),
-            }
-        }
-        match last {
-            Some(e) => Err(anyhow!("{}", describe_io(&e))),
-            None => bail!("{} has no address", self.relay),
-        }
+    fn exchange(&self, call: &mut Call, request: &Request) -> Result<Response, AnnounceError> {
+        call.send(|w| request.write_to(w))?;
+        Ok(call.receive(|r| Response::read_from(r))?)
     }
 }
 
-fn unexpected(response: Response) -> anyhow::Error {
+fn unexpected(response: Response) -> AnnounceError {
     match response {
-        Response::Error(e) => anyhow!("relay said: {e}"),
-        other => anyhow!("unexpected reply {other:?}"),
+        Response::Error(e) => AnnounceError::Refused(e),
+        other => AnnounceError::Unexpected(other),
     }
 }

@@ -242,14 +242,15 @@ impl Library {
         Err(busy())
     }
 
-    /// Computes and caches the hash of every file listed.
-    pub fn warm_up(&self) {
+    /// Computes and caches the hash of every file listed, until `stop`.
+    pub fn warm_up(&self, stop: &dyn Fn() -> bool) {
         let started = Instant::now();
         let Ok(entries) = self.list(MAX_FILES) else {
             return;
         };
         let hashed = entries
             .iter()
+            .take_while(|_| !stop())
             .filter(|e| self.open_hashed(&e.name, true).is_ok())
             .count();
         info!("files hashed: {hashed}, in {:.1?}", started.elapsed());

@@ -1,15 +1,7 @@
-//! `peer-node`: serves the files of one folder to relay-p2p clients and
-//! keeps itself on a relay's list of live peers. See PROTOCOL.md.
+//! `peer-node`: the command line around the `peer_node` library.
 #![forbid(unsafe_code)]
 
-mod announce;
-mod docs;
-mod files;
-mod serve;
-mod shutdown;
-
 use std::{
-    io::Write,
     net::{IpAddr, SocketAddr, ToSocketAddrs},
     path::PathBuf,
     process::ExitCode,
@@ -18,10 +10,11 @@ use std::{
 
 use anyhow::Context;
 use clap::{builder::FalseyValueParser, Parser};
+use netkit::cli;
 
 /// Peer of a relay-p2p network: serves the files of one folder.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "peer-node", version, about)]
 struct Args {
     /// Host name or IP address of the relay
     #[arg(env = "PEER_RELAY_HOST")]
@@ -58,14 +51,14 @@ struct Args {
     /// Less log output (warnings and errors only); RUST_LOG overrides
     #[arg(short, long, env = "PEER_QUIET", value_parser = FalseyValueParser::new())]
     quiet: bool,
-    /// Answered by `docs::parse`
+    /// Answered by `cli::parse`
     #[command(flatten)]
-    _docs: docs::Docs,
+    _docs: cli::Docs,
 }
 
 fn main() -> ExitCode {
-    let args: Args = docs::parse(1);
-    init_logging(args.verbose, args.quiet);
+    let args: Args = cli::parse(1);
+    cli::init_logging(args.verbose, args.quiet, log::LevelFilter::Info);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -76,29 +69,22 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let library = files::Library::open(&args.dir)?;
     let advertise = args.advertise.as_deref().map(resolve_host).transpose()?;
-    let relay = format!("{}:{}", args.relay_host, args.relay_port);
-    // Fail fast on a relay name that does not exist; a relay that is only
-    // down is waited for (the peer serves meanwhile and keeps retrying).
-    relay
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve relay {relay}"))?;
-    let timeout = Duration::from_secs(args.timeout);
-    let config = serve::Config {
+    let node = peer_node::bind(peer_node::Config {
+        dir: args.dir,
         bind: SocketAddr::new(args.bind, args.port),
-        max_connections: args.max_connections as usize,
-        idle_timeout: timeout,
-        write_timeout: timeout,
-        grace: Duration::from_secs(5),
-    };
-    serve::run(config, library, |port| announce::Announcer {
-        relay,
-        port,
+        relay: format!("{}:{}", args.relay_host, args.relay_port),
         advertise,
         heartbeat: Duration::from_secs(args.heartbeat),
-        timeout,
-    })
+        max_connections: args.max_connections as usize,
+        timeout: Duration::from_secs(args.timeout),
+        grace: Duration::from_secs(5),
+    })?;
+    cli::print_address(node.local_addr()).context("cannot write to stdout")?;
+    let shutdown = node.shutdown();
+    ctrlc::set_handler(move || shutdown.trigger()).context("cannot install the signal handler")?;
+    node.wait();
+    Ok(())
 }
 
 /// `--advertise` takes an IP address or a host name, sent to the relay as an IP.
@@ -112,24 +98,4 @@ fn resolve_host(host: &str) -> anyhow::Result<IpAddr> {
         .next()
         .map(|addr| addr.ip())
         .with_context(|| format!("--advertise {host} has no address"))
-}
-
-fn init_logging(verbose: bool, quiet: bool) {
-    let level = match (verbose, quiet) {
-        (true, _) => log::LevelFilter::Debug,
-        (_, true) => log::LevelFilter::Warn,
-        _ => log::LevelFilter::Info,
-    };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .parse_env("RUST_LOG")
-        .init();
-}
-
-/// The bound address is the first line on stdout, so scripts and tests can
-/// use port 0 and still find the server.
-fn announce_address(addr: SocketAddr) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{addr}").and_then(|()| out.flush())?;
-    Ok(())
 }

@@ -3,233 +3,29 @@
 
 use std::{
     io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        mpsc, Arc, Mutex,
-    },
-    thread,
+    net::TcpStream,
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use log::{debug, info, warn};
+use netkit::{close_gently, describe_io, Deadline};
 use protocol::{
-    describe_io,
     peer::{FileHeader, Request, Response, MAX_FILES},
     ErrorCode, ErrorReply, FileName, MAX_LINE,
 };
 
-use crate::{announce::Announcer, files::Library, shutdown::Shutdown};
+use crate::files::Library;
 
-pub struct Config {
-    pub bind: SocketAddr,
-    pub max_connections: usize,
-    /// How long a connection may take to send its request.
-    pub idle_timeout: Duration,
-    /// How long one write may block on a client that does not read.
-    pub write_timeout: Duration,
-    /// How long transfers in flight may go on after a stop signal.
-    pub grace: Duration,
+/// What every connection handler shares.
+pub(crate) struct Peer {
+    pub(crate) library: Library,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) write_timeout: Duration,
 }
 
-struct Peer {
-    library: Library,
-    idle_timeout: Duration,
-    write_timeout: Duration,
-    open: AtomicUsize,
-    /// Connection threads waiting for work that no connection is promised to.
-    idle: AtomicUsize,
-}
-
-/// How long a connection thread waits for the next connection before it exits.
-const KEEP_IDLE: Duration = Duration::from_secs(10);
-
-/// Binds, prints the bound address as the first line of stdout, registers
-/// with the relay, and serves until Ctrl-C or SIGTERM.
-pub fn run(
-    config: Config,
-    library: Library,
-    announcer: impl FnOnce(u16) -> Announcer,
-) -> anyhow::Result<()> {
-    let listener =
-        TcpListener::bind(config.bind).with_context(|| format!("cannot bind {}", config.bind))?;
-    let local = listener
-        .local_addr()
-        .context("cannot read the bound address")?;
-    crate::announce_address(local)?;
-    info!("serving {} on {local}", library.root().display());
-
-    let shutdown = Shutdown::install(local)?;
-    let announcer = Arc::new(announcer(local.port()));
-    let heartbeat = {
-        let (announcer, shutdown) = (Arc::clone(&announcer), Arc::clone(&shutdown));
-        thread::Builder::new()
-            .name("heartbeat".into())
-            .spawn(move || announcer.run(&shutdown))
-            .context("cannot start the heartbeat thread")?
-    };
-    let peer = Arc::new(Peer {
-        library,
-        idle_timeout: config.idle_timeout,
-        write_timeout: config.write_timeout,
-        open: AtomicUsize::new(0),
-        idle: AtomicUsize::new(0),
-    });
-    {
-        // Hash what is already there, so that the first request for a big
-        // file does not keep its client waiting (and timing out) for it.
-        let peer = Arc::clone(&peer);
-        thread::Builder::new()
-            .name("warm-up".into())
-            .spawn(move || peer.library.warm_up())
-            .context("cannot start the hashing thread")?;
-    }
-    // Connection threads are reused, as in the relay: starting and ending a
-    // thread per connection costs more than serving a small file.
-    let (queue, waiting) = mpsc::channel::<TcpStream>();
-    let waiting = Arc::new(Mutex::new(waiting));
-
-    for stream in listener.incoming() {
-        if shutdown.is_triggered() {
-            break;
-        }
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                warn!("cannot accept a connection: {e}");
-                thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        if peer.open.fetch_add(1, Ordering::SeqCst) >= config.max_connections {
-            peer.open.fetch_sub(1, Ordering::SeqCst);
-            reject_busy(stream, config.max_connections);
-            continue;
-        }
-        let claimed = peer
-            .idle
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if claimed {
-            // The receiving end lives as long as the claimed thread.
-            let _ = queue.send(stream);
-            continue;
-        }
-        // Every thread is busy: start one more. A thread starts only when
-        // none is idle, so there are never more than `max_connections`.
-        let (handler, waiting) = (Arc::clone(&peer), Arc::clone(&waiting));
-        let spawned = thread::Builder::new()
-            .name("conn".into())
-            .spawn(move || work(&handler, &waiting, stream));
-        if let Err(e) = spawned {
-            peer.open.fetch_sub(1, Ordering::SeqCst);
-            warn!("cannot start a connection thread: {e}");
-        }
-    }
-    drop(queue);
-
-    // Refuse new connections at once rather than let them wait in the
-    // backlog; leave the list so that clients stop coming; then let
-    // transfers finish. The heartbeat thread is not waited for: it stops
-    // at its next check of the flag.
-    drop(listener);
-    info!("shutting down");
-    announcer.unregister();
-    drop(heartbeat);
-    let deadline = Instant::now() + config.grace;
-    while peer.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(10));
-    }
-    let left = peer.open.load(Ordering::SeqCst);
-    if left > 0 {
-        warn!("{left} transfers still running after the grace period; stopping anyway");
-    }
-    info!("stopped");
-    Ok(())
-}
-
-/// A connection thread: serves `first`, then whatever the accept loop hands
-/// it, until no connection came for `KEEP_IDLE` or the server stops.
-fn work(peer: &Peer, waiting: &Mutex<mpsc::Receiver<TcpStream>>, first: TcpStream) {
-    let mut next = Some(first);
-    while let Some(stream) = next.take() {
-        handle(peer, stream);
-        peer.open.fetch_sub(1, Ordering::SeqCst);
-        peer.idle.fetch_add(1, Ordering::SeqCst);
-        // Each idle thread has its own deadline (threads queued on the lock
-        // check theirs when they get it), so a burst's threads all leave
-        // KEEP_IDLE after it, even while traffic trickles on. A thread
-        // whose slot the accept loop already claimed waits for the
-        // connection that is on its way; one always is (idle threads =
-        // `idle` + connections sent but not yet received).
-        let until = Instant::now() + KEEP_IDLE;
-        let mut promised = false;
-        while next.is_none() {
-            let receiver = waiting.lock().unwrap_or_else(|p| p.into_inner());
-            let got = if promised {
-                receiver
-                    .recv()
-                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
-            } else {
-                receiver.recv_timeout(until.saturating_duration_since(Instant::now()))
-            };
-            match got {
-                Ok(stream) => next = Some(stream),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let unclaimed = peer
-                        .idle
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok();
-                    if unclaimed {
-                        return;
-                    }
-                    promised = true;
-                }
-            }
-        }
-    }
-}
-
-/// Over the connection cap: say so, rather than leave the caller hanging.
-fn reject_busy(mut stream: TcpStream, max: usize) {
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let reply = ErrorReply::new(
-        ErrorCode::Busy,
-        format!("too many connections (limit {max})"),
-    );
-    let _ = Response::Error(reply).write_to(&mut stream);
-    close_gently(&stream, Duration::ZERO);
-    warn!("busy: rejected a connection (limit {max})");
-}
-
-/// Ends a connection without a reset. Closing a socket with unread input
-/// makes the kernel send RST, which can destroy the reply before the
-/// caller has read it; so stop writing, and read (a bounded amount) until
-/// the caller closes too: for up to `wait`, or only what has already
-/// arrived when `wait` is zero (the accept loop must not stall).
-fn close_gently(stream: &TcpStream, wait: Duration) {
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let waiting = if wait.is_zero() {
-        stream.set_nonblocking(true)
-    } else {
-        stream.set_read_timeout(Some(wait))
-    };
-    if waiting.is_err() {
-        return;
-    }
-    let mut buf = [0; MAX_LINE];
-    for _ in 0..16 {
-        match (&mut &*stream).read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-}
-
-fn handle(peer: &Peer, stream: TcpStream) {
+/// Serves one connection: one request (all of its line within the idle
+/// timeout), then the file, the listing or an error; logs one line.
+pub(crate) fn handle(peer: &Peer, stream: TcpStream) {
     let started = Instant::now();
     let remote = match stream.peer_addr() {
         Ok(addr) => addr,
@@ -261,9 +57,9 @@ fn respond<W: Write>(
         Ok(Some(request)) => request,
         Ok(None) => return None,
         Err(e) => {
-            let sent = Response::Error((&e).into()).write_to(out);
+            let sent = Response::Error(netkit::server::refusal(&e)).write_to(out);
             return Some((
-                format!("bad request: {e}"),
+                netkit::server::describe_refusal(&e),
                 sent.map(|()| "refused".into()).map_err(Into::into),
             ));
         }
@@ -275,33 +71,6 @@ fn respond<W: Write>(
         ),
         Request::List => ("LIST".to_string(), send_list(peer, out)),
     })
-}
-
-/// Reads from a socket until a deadline. A read timeout alone is per read,
-/// so a caller trickling one byte every few seconds would never time out.
-struct Deadline<'a> {
-    stream: &'a TcpStream,
-    deadline: Instant,
-}
-
-impl<'a> Deadline<'a> {
-    fn after(stream: &'a TcpStream, limit: Duration) -> Self {
-        Deadline {
-            stream,
-            deadline: Instant::now() + limit,
-        }
-    }
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.stream.set_read_timeout(Some(left))?;
-        (&mut &*self.stream).read(buf)
-    }
 }
 
 /// Sends the header and the file from `offset`; returns a log summary.
@@ -374,8 +143,6 @@ mod tests {
             library: Library::open(dir).unwrap(),
             idle_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
-            open: AtomicUsize::new(0),
-            idle: AtomicUsize::new(0),
         }
     }
 

@@ -44,43 +44,12 @@ impl ProtocolError {
     /// The code a server answers with when a request fails this way.
     pub fn code(&self) -> ErrorCode {
         match self {
-            ProtocolError::Io(e) if is_timeout(e) => ErrorCode::Timeout,
             ProtocolError::Io(_) => ErrorCode::Internal,
             ProtocolError::LineTooLong { .. } => ErrorCode::TooLong,
             ProtocolError::Version(_) => ErrorCode::Version,
             ProtocolError::BadName { .. } => ErrorCode::Forbidden,
             _ => ErrorCode::BadRequest,
         }
-    }
-
-    /// True when the underlying socket read or write timed out.
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, ProtocolError::Io(e) if is_timeout(e))
-    }
-}
-
-/// A socket timeout shows up as `WouldBlock` on Unix and `TimedOut` on Windows.
-pub fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
-/// A short, lowercase reason for a network error, for messages and logs:
-/// "timed out" rather than "Resource temporarily unavailable (os error 11)",
-/// "connection refused" rather than "Connection refused (os error 111)".
-pub fn describe_io(e: &io::Error) -> String {
-    use io::ErrorKind::*;
-    if is_timeout(e) {
-        return "timed out".to_string();
-    }
-    match e.kind() {
-        ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe
-        | AddrNotAvailable | HostUnreachable | NetworkUnreachable | NetworkDown | UnexpectedEof => {
-            e.kind().to_string()
-        }
-        _ => e.to_string(),
     }
 }
 
@@ -166,6 +135,11 @@ impl ErrorReply {
         ErrorReply { code, message }
     }
 
+    /// Sends the reply line, in one write.
+    pub fn write_to<W: io::Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
+        crate::write_whole(w, |buf| self.encode(buf))
+    }
+
     pub(crate) fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
         use io::Write;
         if self.message.is_empty() {
@@ -184,10 +158,6 @@ impl ErrorReply {
 
 impl From<&ProtocolError> for ErrorReply {
     fn from(e: &ProtocolError) -> Self {
-        if e.is_timeout() {
-            // Not "resource temporarily unavailable": say what happened.
-            return ErrorReply::new(ErrorCode::Timeout, "no complete request line in time");
-        }
         ErrorReply::new(e.code(), e)
     }
 }
@@ -226,25 +196,5 @@ mod tests {
             assert_eq!(code.as_str().parse::<ErrorCode>().unwrap(), code);
         }
         assert!("".parse::<ErrorCode>().is_err());
-    }
-
-    #[test]
-    fn network_errors_read_short() {
-        assert_eq!(describe_io(&io::ErrorKind::WouldBlock.into()), "timed out");
-        assert_eq!(
-            describe_io(&io::ErrorKind::ConnectionRefused.into()),
-            "connection refused"
-        );
-        assert_eq!(
-            describe_io(&io::Error::other("disk on fire")),
-            "disk on fire"
-        );
-    }
-
-    #[test]
-    fn timeouts_of_both_platforms_are_recognised() {
-        assert!(is_timeout(&io::ErrorKind::WouldBlock.into()));
-        assert!(is_timeout(&io::ErrorKind::TimedOut.into()));
-        assert!(!is_timeout(&io::ErrorKind::ConnectionReset.into()));
     }
 }

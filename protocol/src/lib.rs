@@ -16,7 +16,7 @@ pub mod peer;
 pub mod relay;
 
 pub use addr::PeerAddr;
-pub use error::{describe_io, is_timeout, ErrorCode, ErrorReply, ProtocolError};
+pub use error::{ErrorCode, ErrorReply, ProtocolError};
 pub use line::{read_line, MAX_LINE};
 pub use name::{FileName, MAX_NAME_LEN};
 

@@ -1,19 +1,15 @@
-//! `relay-server`: keeps the list of live peers of a relay-p2p network and
-//! hands a sample of it to clients. See PROTOCOL.md for what it speaks.
+//! `relay-server`: the command line around the `relay_server` library.
 #![forbid(unsafe_code)]
 
-mod docs;
-mod registry;
-mod serve;
-mod shutdown;
+use std::{net::IpAddr, net::SocketAddr, process::ExitCode, time::Duration};
 
-use std::{io::Write, net::IpAddr, net::SocketAddr, process::ExitCode, time::Duration};
-
+use anyhow::Context;
 use clap::{builder::FalseyValueParser, Parser};
+use netkit::cli;
 
 /// Relay of a relay-p2p network: peers register here, clients ask here who is live.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "relay-server", version, about)]
 struct Args {
     /// TCP port to listen on (0 picks a free one)
     #[arg(env = "RELAY_PORT")]
@@ -42,24 +38,15 @@ struct Args {
     /// Less log output (warnings and errors only); RUST_LOG overrides
     #[arg(short, long, env = "RELAY_QUIET", value_parser = FalseyValueParser::new())]
     quiet: bool,
-    /// Answered by `docs::parse`
+    /// Answered by `cli::parse`
     #[command(flatten)]
-    _docs: docs::Docs,
+    _docs: cli::Docs,
 }
 
 fn main() -> ExitCode {
-    let args: Args = docs::parse(1);
-    init_logging(args.verbose, args.quiet);
-    let config = serve::Config {
-        bind: SocketAddr::new(args.bind, args.port),
-        ttl: Duration::from_secs(args.ttl),
-        max_registered: args.max_registered,
-        max_peers_returned: args.max_peers_returned as usize,
-        max_connections: args.max_connections as usize,
-        idle_timeout: Duration::from_secs(args.idle_timeout),
-        grace: Duration::from_secs(5),
-    };
-    match serve::run(config) {
+    let args: Args = cli::parse(1);
+    cli::init_logging(args.verbose, args.quiet, log::LevelFilter::Info);
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("relay-server: {e:#}");
@@ -68,22 +55,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: bool, quiet: bool) {
-    let level = match (verbose, quiet) {
-        (true, _) => log::LevelFilter::Debug,
-        (_, true) => log::LevelFilter::Warn,
-        _ => log::LevelFilter::Info,
-    };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .parse_env("RUST_LOG")
-        .init();
-}
-
-/// The bound address is the first line on stdout, so scripts and tests can
-/// use port 0 and still find the server.
-fn announce_address(addr: SocketAddr) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{addr}").and_then(|()| out.flush())?;
+fn run(args: Args) -> anyhow::Result<()> {
+    let relay = relay_server::bind(relay_server::Config {
+        bind: SocketAddr::new(args.bind, args.port),
+        ttl: Duration::from_secs(args.ttl),
+        max_registered: args.max_registered,
+        max_peers_returned: args.max_peers_returned as usize,
+        max_connections: args.max_connections as usize,
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        grace: Duration::from_secs(5),
+    })?;
+    cli::print_address(relay.local_addr()).context("cannot write to stdout")?;
+    let shutdown = relay.shutdown();
+    ctrlc::set_handler(move || shutdown.trigger()).context("cannot install the signal handler")?;
+    relay.wait();
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::{mpsc, OnceLock},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -17,28 +17,15 @@ use protocol::{relay, PeerAddr};
 /// How long any one step may take before the test fails instead of hanging.
 pub const STEP: Duration = Duration::from_secs(20);
 
-/// Path of a workspace binary, built once per test run.
+/// Path of one of the three binaries, built by cargo with the tests (no
+/// second build).
 pub fn bin(name: &str) -> PathBuf {
-    static BINS: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
-    let bins = BINS.get_or_init(|| {
-        ["relay-server", "peer-node", "peer-client"]
-            .iter()
-            .map(|&name| {
-                let run = escargot::CargoBuild::new()
-                    .package(name)
-                    .bin(name)
-                    .current_release()
-                    .current_target()
-                    .run()
-                    .unwrap_or_else(|e| panic!("cannot build {name}: {e}"));
-                (name.to_string(), run.path().to_path_buf())
-            })
-            .collect()
-    });
-    bins.iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, p)| p.clone())
-        .expect("known binary")
+    PathBuf::from(match name {
+        "relay-server" => env!("CARGO_BIN_EXE_relay-server"),
+        "peer-node" => env!("CARGO_BIN_EXE_peer-node"),
+        "peer-client" => env!("CARGO_BIN_EXE_peer-client"),
+        other => panic!("no binary {other}"),
+    })
 }
 
 /// A running server; killed and reaped on drop.

@@ -1,15 +1,17 @@
-//! Graceful stop on Ctrl-C / SIGTERM: a shared flag, a condition variable for
-//! sleeping threads, and a self-connect that wakes the blocking `accept`.
+//! Graceful stop: a shared flag, a condition variable for sleeping threads,
+//! and a self-connect that wakes a blocking `accept`.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Condvar, Mutex,
+        Condvar, Mutex,
     },
     time::Duration,
 };
 
+/// The stop signal of one server. Triggering it is safe from any thread,
+/// a signal handler's thread included.
 pub struct Shutdown {
     flag: AtomicBool,
     lock: Mutex<()>,
@@ -18,20 +20,17 @@ pub struct Shutdown {
 }
 
 impl Shutdown {
-    /// Installs the signal handler for a server listening on `listener`.
-    pub fn install(listener: SocketAddr) -> anyhow::Result<Arc<Self>> {
-        let shutdown = Arc::new(Shutdown {
+    /// The stop signal of a server listening on `listener`.
+    pub fn new(listener: SocketAddr) -> Self {
+        Shutdown {
             flag: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
             listener,
-        });
-        let handle = Arc::clone(&shutdown);
-        ctrlc::set_handler(move || handle.trigger())
-            .map_err(|e| anyhow::anyhow!("cannot install the signal handler: {e}"))?;
-        Ok(shutdown)
+        }
     }
 
+    /// Asks the server to stop: wakes every sleeper and the accept loop.
     pub fn trigger(&self) {
         {
             // Set the flag under the lock so a thread about to sleep cannot miss it.
@@ -50,6 +49,7 @@ impl Shutdown {
         let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
     }
 
+    /// True once `trigger` has been called.
     pub fn is_triggered(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
@@ -62,5 +62,14 @@ impl Shutdown {
             .wait_timeout_while(guard, duration, |_| !self.is_triggered())
             .unwrap_or_else(|p| p.into_inner());
         self.is_triggered()
+    }
+
+    /// Blocks until shutdown is triggered.
+    pub fn wait(&self) {
+        let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _unused = self
+            .wake
+            .wait_while(guard, |_| !self.is_triggered())
+            .unwrap_or_else(|p| p.into_inner());
     }
 }

@@ -1,0 +1,103 @@
+//! What every binary's command line has: `--completions SHELL` and `--man`
+//! (generated from the clap definition, so they never go stale), `-v`/`-q`
+//! logging, and the bound address as the first line of stdout.
+
+use std::{
+    io::{self, Write},
+    net::SocketAddr,
+};
+
+use clap::{FromArgMatches, Parser};
+
+/// The `--completions` and `--man` options; flatten into a binary's arguments.
+#[derive(clap::Args)]
+pub struct Docs {
+    /// Print a completion script for SHELL on stdout and exit
+    #[arg(long, value_name = "SHELL")]
+    completions: Option<clap_complete::Shell>,
+    /// Print the man page (roff) on stdout and exit
+    #[arg(long)]
+    man: bool,
+}
+
+/// Parses the command line like `Parser::parse`, except that `--completions`
+/// and `--man` are answered here, without the arguments otherwise required;
+/// exits with `failure_code` if that output cannot be written.
+pub fn parse<A: Parser>(failure_code: i32) -> A {
+    // Not `exclusive`: clap counts values from the environment as given.
+    let relaxed = A::command().mut_args(|arg| arg.required(false));
+    let docs = relaxed
+        .try_get_matches()
+        .ok()
+        .and_then(|matches| Docs::from_arg_matches(&matches).ok());
+    if let Some(docs) = docs.filter(|d| d.completions.is_some() || d.man) {
+        let cmd = A::command();
+        let name = cmd.get_name().to_string();
+        if let Err(e) = docs.print(cmd) {
+            eprintln!("{name}: {e}");
+            std::process::exit(failure_code);
+        }
+        std::process::exit(0);
+    }
+    A::parse()
+}
+
+impl Docs {
+    fn print(&self, mut cmd: clap::Command) -> Result<(), String> {
+        // Rendered into memory first: the generators panic when a write fails (`| head`).
+        let mut page = Vec::new();
+        if let Some(shell) = self.completions {
+            let name = cmd.get_name().to_string();
+            clap_complete::generate(shell, &mut cmd, name, &mut page);
+        } else {
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .map_err(|e| format!("cannot render the man page: {e}"))?;
+        }
+        let mut out = io::stdout().lock();
+        out.write_all(&page)
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("cannot write to stdout: {e}"))
+    }
+}
+
+/// Sets up logging to stderr, with timestamps: `default` normally, debug
+/// with `verbose`, warnings only with `quiet` (`verbose` wins when both are
+/// set, one from the environment and one from the command line). RUST_LOG,
+/// when set, overrides all of them.
+pub fn init_logging(verbose: bool, quiet: bool, default: log::LevelFilter) {
+    env_logger::Builder::new()
+        .filter_level(level(verbose, quiet, default))
+        .parse_env("RUST_LOG")
+        .init();
+}
+
+fn level(verbose: bool, quiet: bool, default: log::LevelFilter) -> log::LevelFilter {
+    match (verbose, quiet) {
+        (true, _) => log::LevelFilter::Debug,
+        (_, true) => log::LevelFilter::Warn,
+        _ => default,
+    }
+}
+
+/// Prints the bound address as the first line of stdout, so that scripts
+/// and tests can use port 0 and still find the server.
+pub fn print_address(addr: SocketAddr) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{addr}")?;
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use log::LevelFilter::*;
+
+    #[test]
+    fn verbose_wins_over_quiet() {
+        assert_eq!(level(false, false, Info), Info);
+        assert_eq!(level(true, false, Info), Debug);
+        assert_eq!(level(false, true, Info), Warn);
+        assert_eq!(level(true, true, Info), Debug);
+    }
+}

@@ -1,0 +1,464 @@
+//! A blocking TCP server: an accept loop that hands each connection to a
+//! capped pool of reused threads, answers `ERR busy` past the cap, and
+//! stops on its [`Shutdown`], letting connections in flight finish.
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use log::warn;
+use protocol::{ErrorCode, ErrorReply, ProtocolError};
+
+use crate::{close_gently, describe_io, is_timeout, Shutdown};
+
+/// How a server listens and how many connections it serves at once.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Handshakes the kernel may queue before `accept`. std's fixed 128
+    /// overflowed when 10,000 peers registered at once. The kernel caps
+    /// this at `net.core.somaxconn`.
+    pub backlog: i32,
+    /// Connections served at once; more are answered `ERR busy`.
+    pub max_connections: usize,
+    /// How long an idle connection thread waits for the next connection
+    /// before it exits.
+    pub keep_idle: Duration,
+    /// Stack of each connection thread. Handlers keep their buffers on the
+    /// heap, so a small stack serves; it bounds the memory a flood of idle
+    /// connections can pin.
+    pub stack_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            backlog: 4096,
+            max_connections: 512,
+            keep_idle: Duration::from_secs(10),
+            stack_size: 256 << 10,
+        }
+    }
+}
+
+/// `TcpListener::bind` with a chosen accept queue.
+pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As std does on Unix, so that a restarted server can bind at once.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// Serves one connection; the pool closes it when this returns.
+pub type Handler = dyn Fn(TcpStream) + Send + Sync;
+
+/// A running server: its accept loop and its connection threads.
+pub struct Server {
+    local_addr: SocketAddr,
+    shutdown: Arc<Shutdown>,
+    pool: Arc<Connections>,
+    accept: Option<JoinHandle<()>>,
+}
+
+/// The connections of one server: how many are open, how many were
+/// turned away. Made before the server so that its handler can report them.
+#[derive(Default)]
+pub struct Connections {
+    open: AtomicUsize,
+    /// Connection threads waiting for work that no connection is promised to.
+    idle: AtomicUsize,
+    busy_rejections: AtomicU64,
+}
+
+/// One connection's place under the cap, given back when dropped, also
+/// when the handler panics.
+struct Slot(Arc<Connections>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Connections {
+    /// Connections being served now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Connections answered `ERR busy` since start.
+    pub fn busy_rejections(&self) -> u64 {
+        self.busy_rejections.load(Ordering::Relaxed)
+    }
+
+    fn try_slot(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(Arc::clone(self)))
+    }
+
+    /// Takes one idle thread's promise to serve the next connection sent.
+    fn claim_idle(&self) -> bool {
+        self.idle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+type Job = (TcpStream, Slot);
+
+impl Server {
+    /// Starts the accept loop on `listener`, serving each connection with
+    /// `handler` on a pool capped by `limits`, until `shutdown` triggers.
+    pub fn spawn(
+        listener: TcpListener,
+        limits: Limits,
+        shutdown: Arc<Shutdown>,
+        pool: Arc<Connections>,
+        handler: Arc<Handler>,
+    ) -> io::Result<Server> {
+        let local_addr = listener.local_addr()?;
+        let accept = {
+            let (pool, shutdown) = (Arc::clone(&pool), Arc::clone(&shutdown));
+            thread::Builder::new()
+                .name("accept".into())
+                .spawn(move || accept_loop(listener, &limits, &shutdown, &pool, handler))?
+        };
+        Ok(Server {
+            local_addr,
+            shutdown,
+            pool,
+            accept: Some(accept),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's stop signal.
+    pub fn shutdown(&self) -> &Arc<Shutdown> {
+        &self.shutdown
+    }
+
+    /// Its connections.
+    pub fn connections(&self) -> &Connections {
+        &self.pool
+    }
+
+    /// Stops accepting (the listener is closed, so new connections are
+    /// refused at once), then waits up to `grace` for the connections in
+    /// flight; returns how many were still open when it gave up.
+    pub fn stop(&mut self, grace: Duration) -> usize {
+        self.stop_accepting();
+        self.drain(grace)
+    }
+
+    /// Triggers the stop signal if nobody has, and closes the listener.
+    pub fn stop_accepting(&mut self) {
+        if !self.shutdown.is_triggered() {
+            self.shutdown.trigger();
+        }
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+
+    /// Waits up to `grace` for the connections in flight; returns how many
+    /// were still open when it gave up.
+    pub fn drain(&self, grace: Duration) -> usize {
+        let deadline = Instant::now() + grace;
+        while self.pool.open() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.pool.open()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    limits: &Limits,
+    shutdown: &Shutdown,
+    pool: &Arc<Connections>,
+    handler: Arc<Handler>,
+) {
+    // Connection threads are reused: starting and ending a thread per
+    // connection cost more than a lookup (stack mappings, and TLB
+    // shootdowns across cores when a finished thread's stack is released).
+    let (queue, waiting) = mpsc::channel::<Job>();
+    let waiting = Arc::new(Mutex::new(waiting));
+    for stream in listener.incoming() {
+        if shutdown.is_triggered() {
+            break;
+        }
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                warn!("cannot accept a connection: {e}");
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let Some(slot) = pool.try_slot(limits.max_connections) else {
+            pool.busy_rejections.fetch_add(1, Ordering::Relaxed);
+            reject_busy(stream, limits.max_connections);
+            continue;
+        };
+        if pool.claim_idle() {
+            // The receiving end lives as long as the claimed thread.
+            let _ = queue.send((stream, slot));
+            continue;
+        }
+        // Every thread is busy: start one more. A thread starts only when
+        // none is idle, so there are never more than `max_connections`.
+        let (pool, waiting, handler) =
+            (Arc::clone(pool), Arc::clone(&waiting), Arc::clone(&handler));
+        let keep_idle = limits.keep_idle;
+        let spawned = thread::Builder::new()
+            .name("conn".into())
+            .stack_size(limits.stack_size)
+            .spawn(move || work(&pool, &waiting, &*handler, keep_idle, (stream, slot)));
+        if let Err(e) = spawned {
+            // The job, and with it the slot, went down with the closure.
+            warn!("cannot start a connection thread: {e}");
+        }
+    }
+    // Dropping the queue ends the idle threads; dropping the listener
+    // refuses new connections at once rather than leaving them in the backlog.
+}
+
+/// A connection thread: serves `first`, then whatever the accept loop hands
+/// it, until no connection came for `keep_idle` or the server stops.
+fn work(
+    pool: &Connections,
+    waiting: &Mutex<mpsc::Receiver<Job>>,
+    handler: &Handler,
+    keep_idle: Duration,
+    first: Job,
+) {
+    let mut next = Some(first);
+    while let Some((stream, slot)) = next.take() {
+        handler(stream);
+        drop(slot);
+        pool.idle.fetch_add(1, Ordering::SeqCst);
+        // Each idle thread has its own deadline (threads queued on the lock
+        // check theirs when they get it), so a burst's threads all leave
+        // `keep_idle` after it, even while traffic trickles on. A thread
+        // whose promise the accept loop already claimed waits for the
+        // connection that is on its way; one always is (idle threads =
+        // `idle` + connections sent but not yet received).
+        let until = Instant::now() + keep_idle;
+        let mut promised = false;
+        while next.is_none() {
+            let receiver = waiting.lock().unwrap_or_else(|p| p.into_inner());
+            let got = if promised {
+                receiver
+                    .recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                receiver.recv_timeout(until.saturating_duration_since(Instant::now()))
+            };
+            match got {
+                Ok(job) => next = Some(job),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if pool.claim_idle() {
+                        return;
+                    }
+                    promised = true;
+                }
+            }
+        }
+    }
+}
+
+/// The `ERR` reply to a request that could not be read: a timeout says
+/// so in words (not "resource temporarily unavailable"), and no system
+/// error text goes over the network.
+pub fn refusal(e: &ProtocolError) -> ErrorReply {
+    match e {
+        ProtocolError::Io(io) if is_timeout(io) => {
+            ErrorReply::new(ErrorCode::Timeout, "no complete request line in time")
+        }
+        ProtocolError::Io(_) => ErrorReply::new(ErrorCode::Internal, "cannot read the request"),
+        e => e.into(),
+    }
+}
+
+/// What a log line says of a request that could not be read.
+pub fn describe_refusal(e: &ProtocolError) -> String {
+    match e {
+        ProtocolError::Io(io) if is_timeout(io) => "timed out: no complete request line".into(),
+        ProtocolError::Io(io) => format!("cannot read the request: {}", describe_io(io)),
+        e => format!("bad request: {e}"),
+    }
+}
+
+/// Over the connection cap: say so at once, rather than leave the caller
+/// hanging; never waits on the caller (the accept loop must not stall).
+fn reject_busy(stream: TcpStream, max: usize) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let reply = ErrorReply::new(
+        ErrorCode::Busy,
+        format!("too many connections (limit {max})"),
+    );
+    let _ = reply.write_to(&mut &stream);
+    close_gently(&stream, Duration::ZERO);
+    warn!("busy: rejected a connection (limit {max})");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        io::{BufRead, BufReader, Write},
+        sync::mpsc::{channel, Sender},
+    };
+
+    /// A server whose handler reports each connection that says `wait`,
+    /// then waits for a word on `release` before answering `done`.
+    fn server(max: usize) -> (Server, mpsc::Receiver<()>, Sender<()>) {
+        let (seen_tx, seen) = channel();
+        let (release, release_rx) = channel::<()>();
+        let (seen_tx, release_rx) = (Mutex::new(seen_tx), Mutex::new(release_rx));
+        let listener = listen(([127, 0, 0, 1], 0).into(), 128).unwrap();
+        let shutdown = Arc::new(Shutdown::new(listener.local_addr().unwrap()));
+        let limits = Limits {
+            max_connections: max,
+            keep_idle: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let handler: Arc<Handler> = Arc::new(move |mut stream: TcpStream| {
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            if line != "wait\n" {
+                return;
+            }
+            let _ = seen_tx.lock().unwrap().send(());
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+            let _ = stream.write_all(b"done\n");
+        });
+        let server = Server::spawn(listener, limits, shutdown, Arc::default(), handler).unwrap();
+        (server, seen, release)
+    }
+
+    fn waiting(addr: SocketAddr) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(b"wait\n").unwrap();
+        stream
+    }
+
+    fn first_line(stream: &TcpStream) -> String {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        line
+    }
+
+    #[test]
+    fn past_the_cap_connections_get_busy_and_are_counted() {
+        let (server, seen, release) = server(2);
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                let c = waiting(server.local_addr());
+                seen.recv_timeout(Duration::from_secs(10)).unwrap();
+                c
+            })
+            .collect();
+        assert_eq!(server.connections().open(), 2);
+        let extra = TcpStream::connect(server.local_addr()).unwrap();
+        assert_eq!(
+            first_line(&extra),
+            "ERR busy too many connections (limit 2)\n"
+        );
+        assert_eq!(server.connections().busy_rejections(), 1);
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        for c in &held {
+            assert_eq!(first_line(c), "done\n");
+        }
+        // Slots come back: a new connection is served, by a reused thread.
+        let again = waiting(server.local_addr());
+        seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        release.send(()).unwrap();
+        assert_eq!(first_line(&again), "done\n");
+    }
+
+    #[test]
+    fn a_panicking_handler_gives_its_slot_back() {
+        let listener = listen(([127, 0, 0, 1], 0).into(), 128).unwrap();
+        let shutdown = Arc::new(Shutdown::new(listener.local_addr().unwrap()));
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let handler: Arc<Handler> = Arc::new(|stream: TcpStream| {
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            if line == "panic\n" {
+                panic!("handler panicked on purpose");
+            }
+            let _ = (&stream).write_all(b"fine\n");
+        });
+        let server = Server::spawn(listener, limits, shutdown, Arc::default(), handler).unwrap();
+        let mut c = TcpStream::connect(server.local_addr()).unwrap();
+        c.write_all(b"panic\n").unwrap();
+        let mut rest = String::new();
+        let _ = BufReader::new(&c).read_line(&mut rest);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.connections().open() > 0 {
+            assert!(Instant::now() < deadline, "slot never came back");
+            thread::sleep(Duration::from_millis(5));
+        }
+        let mut c = TcpStream::connect(server.local_addr()).unwrap();
+        c.write_all(b"hello\n").unwrap();
+        assert_eq!(first_line(&c), "fine\n");
+    }
+
+    #[test]
+    fn stop_refuses_new_connections_and_waits_for_those_in_flight() {
+        let (mut server, seen, release) = server(4);
+        let addr = server.local_addr();
+        let inflight = waiting(addr);
+        seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        let stopper = thread::spawn(move || {
+            let left = server.stop(Duration::from_secs(10));
+            (left, server)
+        });
+        // The listener closes before the grace period starts.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_ok() {
+            assert!(Instant::now() < deadline, "still accepting");
+            thread::sleep(Duration::from_millis(5));
+        }
+        release.send(()).unwrap();
+        assert_eq!(first_line(&inflight), "done\n");
+        let (left, _server) = stopper.join().unwrap();
+        assert_eq!(left, 0);
+    }
+}

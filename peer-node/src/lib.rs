@@ -1,0 +1,246 @@
+//! A peer of a relay-p2p network: serves the files of one folder and keeps
+//! itself on a relay's list of live peers. [`bind`] starts one and returns
+//! its handle; the `peer-node` binary is a thin command line around it.
+//! PROTOCOL.md says what it speaks.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod announce;
+mod files;
+mod serve;
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr, ToSocketAddrs},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use log::{info, warn};
+use netkit::{
+    server::{listen, Connections, Limits, Server},
+    Shutdown,
+};
+
+/// What a peer serves, where, and which relay it keeps informed.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The folder whose files are served, subfolders included.
+    pub dir: PathBuf,
+    /// Address to serve on; port 0 picks a free one.
+    pub bind: SocketAddr,
+    /// `host:port` of the relay.
+    pub relay: String,
+    /// The address the relay should list instead of the one it sees.
+    pub advertise: Option<IpAddr>,
+    /// Time between two registrations with the relay.
+    pub heartbeat: Duration,
+    /// Most connections served at once; more are answered `ERR busy`.
+    pub max_connections: usize,
+    /// How long a client may take to send its request, and one write may
+    /// wait on a client that does not read; also bounds calls to the relay.
+    pub timeout: Duration,
+    /// How long transfers in flight may go on after a stop.
+    pub grace: Duration,
+}
+
+impl Config {
+    /// The command line's defaults: serve `dir` on 127.0.0.1 and a free
+    /// port, registered with the relay at `relay` (`host:port`).
+    pub fn new(dir: impl Into<PathBuf>, relay: impl Into<String>) -> Self {
+        Config {
+            dir: dir.into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            relay: relay.into(),
+            advertise: None,
+            heartbeat: Duration::from_secs(30),
+            max_connections: 512,
+            timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a peer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The folder cannot be served.
+    #[error("{0}")]
+    Folder(String),
+    /// The relay's name does not resolve (a relay that is only down is
+    /// waited for: the peer serves meanwhile and keeps retrying).
+    #[error("cannot resolve relay {relay}: {source}")]
+    Relay {
+        /// `host:port` as given.
+        relay: String,
+        /// What the resolver said.
+        source: io::Error,
+    },
+    /// The address could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// What the system said.
+        source: io::Error,
+    },
+}
+
+/// A running peer. Dropping it stops it at once; [`Node::stop`] and
+/// [`Node::wait`] unregister and let transfers finish first.
+pub struct Node {
+    server: Server,
+    announcer: Arc<announce::Announcer>,
+    heartbeat: Option<JoinHandle<()>>,
+    warm_up: Option<JoinHandle<()>>,
+    grace: Duration,
+}
+
+/// Opens the folder, binds `config.bind`, starts serving, and registers
+/// with the relay, all in background threads.
+pub fn bind(config: Config) -> Result<Node, StartError> {
+    let library =
+        files::Library::open(&config.dir).map_err(|e| StartError::Folder(format!("{e:#}")))?;
+    // Fail fast on a relay name that does not exist.
+    config
+        .relay
+        .to_socket_addrs()
+        .map_err(|source| StartError::Relay {
+            relay: config.relay.clone(),
+            source,
+        })?;
+    let limits = Limits {
+        max_connections: config.max_connections,
+        ..Limits::default()
+    };
+    let bind_error = |source| StartError::Bind {
+        addr: config.bind,
+        source,
+    };
+    let listener = listen(config.bind, limits.backlog).map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    info!("serving {} on {local}", library.root().display());
+    let shutdown = Arc::new(Shutdown::new(local));
+    let thread_error = |what| move |source| StartError::Thread { what, source };
+
+    let peer = Arc::new(serve::Peer {
+        library,
+        idle_timeout: config.timeout,
+        write_timeout: config.timeout,
+    });
+    let warm_up = {
+        // Hash what is already there, so that the first request for a big
+        // file does not keep its client waiting (and timing out) for it.
+        let (peer, shutdown) = (Arc::clone(&peer), Arc::clone(&shutdown));
+        thread::Builder::new()
+            .name("warm-up".into())
+            .spawn(move || peer.library.warm_up(&|| shutdown.is_triggered()))
+            .map_err(thread_error("hashing"))?
+    };
+    let handler = Arc::new(move |stream| serve::handle(&peer, stream));
+    let server = Server::spawn(
+        listener,
+        limits,
+        Arc::clone(&shutdown),
+        Arc::new(Connections::default()),
+        handler,
+    )
+    .map_err(thread_error("accept"))?;
+    // Registered only once the peer serves, so that no client is sent to
+    // a peer that is not listening yet.
+    let announcer = Arc::new(announce::Announcer {
+        relay: config.relay,
+        port: local.port(),
+        advertise: config.advertise,
+        heartbeat: config.heartbeat,
+        timeout: config.timeout,
+        in_flight: Mutex::new(None),
+    });
+    let heartbeat = {
+        let (announcer, shutdown) = (Arc::clone(&announcer), Arc::clone(&shutdown));
+        thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || announcer.run(&shutdown))
+            .map_err(thread_error("heartbeat"))?
+    };
+    Ok(Node {
+        server,
+        announcer,
+        heartbeat: Some(heartbeat),
+        warm_up: Some(warm_up),
+        grace: config.grace,
+    })
+}
+
+impl Node {
+    /// The address the peer serves on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The peer's stop signal: trigger it (from a signal handler, say) to
+    /// make [`Node::wait`] return.
+    pub fn shutdown(&self) -> Arc<Shutdown> {
+        Arc::clone(self.server.shutdown())
+    }
+
+    /// Serves until the stop signal, then stops gracefully.
+    pub fn wait(self) {
+        self.server.shutdown().wait();
+        self.stop();
+    }
+
+    /// Stops accepting (new connections are refused), unregisters from the
+    /// relay (waiting at most 2 s for it), lets transfers in flight finish
+    /// (up to the grace period) and ends the peer's threads.
+    pub fn stop(mut self) {
+        info!("shutting down");
+        let left = self.end(self.grace);
+        if left > 0 {
+            warn!("{left} transfers still running after the grace period; stopping anyway");
+        }
+        info!("stopped");
+    }
+
+    fn end(&mut self, grace: Duration) -> usize {
+        self.server.stop_accepting();
+        self.announcer.interrupt();
+        if let Some(heartbeat) = self.heartbeat.take() {
+            // The announcer's last word is bounded by UNREGISTER_TIMEOUT;
+            // only a connect to an unreachable relay, which nothing can cut
+            // short, could take longer, and then the peer does not wait for
+            // it (that thread still unregisters last when it gets through).
+            let deadline = Instant::now() + announce::UNREGISTER_TIMEOUT + Duration::from_secs(1);
+            while !heartbeat.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if heartbeat.is_finished() {
+                let _ = heartbeat.join();
+            }
+        }
+        let left = self.server.drain(grace);
+        if let Some(warm_up) = self.warm_up.take() {
+            // Stops between two files; one big file can take a while.
+            if warm_up.is_finished() {
+                let _ = warm_up.join();
+            }
+        }
+        left
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.end(Duration::ZERO);
+    }
+}
