@@ -33,7 +33,7 @@ fn big_content(len: usize) -> Vec<u8> {
 fn a_killed_peer_is_skipped_with_a_reason() {
     let a = folder_with(&[("a.txt", b"from a\n")]);
     let b = folder_with(&[]);
-    let net = Network::start(&[a.path(), b.path()]);
+    let net = Network::start_processes(&[a.path(), b.path()]);
     let dead = net.peers[1].addr;
     net.peers[1].signal("KILL");
 
@@ -62,7 +62,7 @@ fn a_killed_peer_is_skipped_with_a_reason() {
 fn a_frozen_peer_is_skipped_after_the_timeout() {
     let a = folder_with(&[("a.txt", b"from a\n")]);
     let b = folder_with(&[]);
-    let net = Network::start(&[a.path(), b.path()]);
+    let net = Network::start_processes(&[a.path(), b.path()]);
     let frozen = net.peers[1].addr;
     net.peers[1].signal("STOP");
 
@@ -119,7 +119,7 @@ fn heartbeats_keep_a_peer_listed_past_the_ttl() {
 #[test]
 fn sigterm_unregisters_the_peer_at_once() {
     let dir = folder_with(&[]);
-    let mut net = Network::start(&[dir.path()]);
+    let mut net = Network::start_processes(&[dir.path()]);
     let peer = &mut net.peers[0];
     peer.signal("TERM");
     assert_eq!(peer.wait_exit(), Some(0), "{}", peer.log());
@@ -135,7 +135,7 @@ fn sigterm_unregisters_the_peer_at_once() {
 #[test]
 fn a_frozen_relay_does_not_hold_up_a_peer_shutdown() {
     let dir = folder_with(&[]);
-    let mut net = Network::start(&[dir.path()]);
+    let mut net = Network::start_processes(&[dir.path()]);
     net.relay.signal("STOP");
     let started = Instant::now();
     let peer = &mut net.peers[0];
@@ -202,7 +202,7 @@ fn a_transfer_cut_off_half_way_resumes_from_another_peer() {
     let content = big_content(48 << 20);
     let a = folder_with(&[("big.bin", &content)]);
     let b = folder_with(&[("big.bin", &content)]);
-    let net = Network::start(&[a.path(), b.path()]);
+    let net = Network::start_processes(&[a.path(), b.path()]);
 
     // Nobody reads the client's stdout yet, so it stalls and so does the
     // peer sending to it, half way through.
@@ -325,7 +325,7 @@ fn a_failed_fetch_leaves_an_existing_file_alone() {
 #[test]
 fn frozen_peers_cost_ls_one_timeout_in_all() {
     let dirs: Vec<_> = (0..4).map(|_| folder_with(&[("x.txt", b"x")])).collect();
-    let net = Network::start(&dirs.iter().map(|d| d.path()).collect::<Vec<_>>());
+    let net = Network::start_processes(&dirs.iter().map(|d| d.path()).collect::<Vec<_>>());
     for peer in &net.peers[1..] {
         peer.signal("STOP");
     }

@@ -28,12 +28,21 @@ pub fn bin(name: &str) -> PathBuf {
     })
 }
 
-/// A running server; killed and reaped on drop.
+/// A running server: a process of the real binary (killed and reaped on
+/// drop), or one started in this process through its library (stopped on
+/// drop), which is quicker to start and needs no signals.
 pub struct Server {
     child: Option<Child>,
+    here: Option<Here>,
     pub addr: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// A server running in this process.
+enum Here {
+    Relay(relay_server::Relay),
+    Peer(peer_node::Node),
 }
 
 impl Server {
@@ -64,6 +73,7 @@ impl Server {
         });
         let mut server = Server {
             child: Some(child),
+            here: None,
             addr: ([0, 0, 0, 0], 0).into(),
             log,
             _dir: dir,
@@ -96,12 +106,53 @@ impl Server {
         Server::start("peer-node", &args)
     }
 
+    /// A relay in this process on 127.0.0.1 and a free port, with the
+    /// command line's defaults changed by `configure`.
+    pub fn relay_here(configure: impl FnOnce(&mut relay_server::Config)) -> Server {
+        let mut config = relay_server::Config::default();
+        configure(&mut config);
+        let relay = relay_server::bind(config).expect("start a relay");
+        Server::here(relay.local_addr(), Here::Relay(relay))
+    }
+
+    /// A peer in this process serving `dir` on 127.0.0.1 and a free port,
+    /// registered with `relay`, with defaults changed by `configure`.
+    pub fn peer_here(
+        relay: SocketAddr,
+        dir: &Path,
+        configure: impl FnOnce(&mut peer_node::Config),
+    ) -> Server {
+        let mut config = peer_node::Config::new(dir, relay.to_string());
+        configure(&mut config);
+        let node = peer_node::bind(config).expect("start a peer");
+        Server::here(node.local_addr(), Here::Peer(node))
+    }
+
+    fn here(addr: SocketAddr, here: Here) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Server {
+            child: None,
+            here: Some(here),
+            addr,
+            log: dir.path().join("no-log"),
+            _dir: dir,
+        }
+    }
+
+    /// Stops a server in this process as a signal would: gracefully.
+    pub fn stop_here(&mut self) {
+        match self.here.take().expect("a server in this process") {
+            Here::Relay(relay) => relay.stop(),
+            Here::Peer(node) => node.stop(),
+        }
+    }
+
     pub fn port(&self) -> String {
         self.addr.port().to_string()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.child.as_ref().expect("a running process").id()
     }
 
     /// What the server logged so far.
@@ -249,14 +300,31 @@ pub struct Network {
 }
 
 impl Network {
+    /// Relay and peers in this process.
     pub fn start(dirs: &[&Path]) -> Network {
+        let relay = Server::relay_here(|_| {});
+        let peers = dirs
+            .iter()
+            .map(|dir| Server::peer_here(relay.addr, dir, |_| {}))
+            .collect();
+        Network::registered(relay, peers)
+    }
+
+    /// Relay and peers as processes of the real binaries, for tests that
+    /// signal them or read their logs.
+    pub fn start_processes(dirs: &[&Path]) -> Network {
         let relay = Server::relay(&[]);
-        let peers: Vec<Server> = dirs
+        let peers = dirs
             .iter()
             .map(|dir| Server::peer(relay.addr, dir, &[]))
             .collect();
+        Network::registered(relay, peers)
+    }
+
+    fn registered(relay: Server, peers: Vec<Server>) -> Network {
+        let dirs = peers.len();
         eventually("every peer is registered", || {
-            live_peers(relay.addr).len() == dirs.len()
+            live_peers(relay.addr).len() == dirs
         });
         Network { relay, peers }
     }

@@ -32,6 +32,14 @@ fn network_with_a_file() -> (tempfile::TempDir, Network) {
     (dir, net)
 }
 
+/// The same, as processes, for tests that read the servers' logs.
+fn logging_network_with_a_file() -> (tempfile::TempDir, Network) {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a.txt"), "still here\n").unwrap();
+    let net = Network::start_processes(&[dir.path()]);
+    (dir, net)
+}
+
 fn assert_still_serving(net: &Network) {
     let out = net.client(&["get", "a.txt"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -40,7 +48,7 @@ fn assert_still_serving(net: &Network) {
 
 #[test]
 fn garbage_gets_one_error_line_and_the_servers_go_on() {
-    let (_dir, net) = network_with_a_file();
+    let (_dir, net) = logging_network_with_a_file();
     let noise: Vec<u8> = (0..2000u32).map(|i| (i * 7919 % 251) as u8).collect();
     for server in [net.relay.addr, net.peers[0].addr] {
         for (request, expect) in [

@@ -58,13 +58,19 @@ fn write(dir: &Path, name: &str, content: &[u8]) {
 
 /// Two peers: one file each, one file on both, one in a subfolder.
 fn two_peers() -> (tempfile::TempDir, tempfile::TempDir, Network) {
+    two_peers_with(Network::start)
+}
+
+fn two_peers_with(
+    start: fn(&[&Path]) -> Network,
+) -> (tempfile::TempDir, tempfile::TempDir, Network) {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     write(a.path(), "alpha.txt", b"alpha\n");
     write(a.path(), "docs/guide.txt", b"guide\n");
     write(a.path(), "shared.txt", b"same on both\n");
     write(b.path(), "beta.txt", b"beta!\n");
     write(b.path(), "shared.txt", b"same on both\n");
-    let net = Network::start(&[a.path(), b.path()]);
+    let net = start(&[a.path(), b.path()]);
     (a, b, net)
 }
 
@@ -145,7 +151,8 @@ fn json_lines_have_the_documented_shapes() {
 
 #[test]
 fn exit_codes_follow_the_documented_scheme() {
-    let (_a, _b, net) = two_peers();
+    // As processes: the test reads their logs.
+    let (_a, _b, net) = two_peers_with(Network::start_processes);
     assert_eq!(net.client(&["get", "alpha.txt"]).status.code(), Some(0));
     // One log line per request: who, what, outcome, bytes, how long.
     let logged = |server: &Server, needle: &str| {
@@ -215,7 +222,7 @@ fn settings_come_from_the_environment() {
 
     // Client: relay address and timeout from the environment. A stopped
     // peer is given up on after PEER_CLIENT_TIMEOUT, not the default 10 s.
-    let net = Network::start(&[a.path(), b.path()]);
+    let net = Network::start_processes(&[a.path(), b.path()]);
     let stopped = &net.peers[1];
     stopped.signal("STOP");
     let port = net.relay.port();
@@ -245,7 +252,7 @@ fn settings_come_from_the_environment() {
 #[test]
 fn sigterm_stops_the_servers_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut net = Network::start(&[dir.path(), dir.path()]);
+    let mut net = Network::start_processes(&[dir.path(), dir.path()]);
     let mut leaving = net.peers.remove(0);
     let leaving_addr = leaving.addr.to_string();
     leaving.signal("TERM");
@@ -279,7 +286,7 @@ fn big_file_network() -> (tempfile::TempDir, Network) {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
     write(dir.path(), "big.bin", &content);
-    let net = Network::start(&[dir.path()]);
+    let net = Network::start_processes(&[dir.path()]);
     (dir, net)
 }
 
