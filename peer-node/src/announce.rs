@@ -94,17 +94,23 @@ impl Announcer {
         self.unregister();
     }
 
-    /// Cuts short a registration in flight (called after the shutdown
-    /// signal), so that the unregistration follows at once.
-    pub(crate) fn interrupt(&self) {
-        let taken = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+    /// Called after the shutdown signal: lets a registration in flight
+    /// finish for up to `patience`, so that the relay has carried it out
+    /// before it hears UNREGISTER, then cuts it short, so that a frozen
+    /// relay cannot hold up the shutdown.
+    pub(crate) fn settle(&self, patience: Duration) {
+        let deadline = std::time::Instant::now() + patience;
+        while self.lock_in_flight().is_some() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let taken = self.lock_in_flight().take();
         if let Some(stream) = taken {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, Option<TcpStream>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn register(&self, shutdown: &Shutdown) -> Result<u64, AnnounceError> {
@@ -114,19 +120,16 @@ impl Announcer {
         };
         let mut call = Call::connect(&self.relay, self.timeout)?;
         {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut in_flight = self.lock_in_flight();
             // Checked after the connection is on record: a shutdown that
-            // came before is seen here, one that comes after can cut it.
+            // came before is seen here, one that comes after waits for it.
             if shutdown.is_triggered() {
                 return Err(AnnounceError::ShuttingDown);
             }
             *in_flight = call.stream().try_clone().ok();
         }
         let reply = self.exchange(&mut call, &request);
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.lock_in_flight().take();
         match reply? {
             Response::Registered { ttl_secs } => Ok(ttl_secs),
             other => Err(unexpected(other)),

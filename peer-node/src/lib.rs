@@ -214,7 +214,7 @@ impl Node {
 
     fn end(&mut self, grace: Duration) -> usize {
         self.server.stop_accepting();
-        self.announcer.interrupt();
+        self.announcer.settle(announce::UNREGISTER_TIMEOUT);
         if let Some(heartbeat) = self.heartbeat.take() {
             // The announcer's last word is bounded by UNREGISTER_TIMEOUT;
             // only a connect to an unreachable relay, which nothing can cut

@@ -346,3 +346,57 @@ fn frozen_peers_cost_ls_one_timeout_in_all() {
         stderr(&out)
     );
 }
+
+/// A relay of the test's own that answers each request in a thread of its
+/// own, holding the reply to the second REGISTER back for a while, and
+/// records each request when it has carried it out.
+fn recording_relay() -> (SocketAddr, std::sync::mpsc::Receiver<String>, std::sync::mpsc::Receiver<()>) {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (done, carried_out) = mpsc::channel();
+    let (held_tx, held) = mpsc::channel();
+    let registers = Arc::new(AtomicUsize::new(0));
+    thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let (done, held_tx, registers) = (done.clone(), held_tx.clone(), Arc::clone(&registers));
+            thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut line);
+                let verb = line.split(' ').nth(1).unwrap_or("").to_string();
+                let reply = if verb == "REGISTER" {
+                    if registers.fetch_add(1, Ordering::SeqCst) == 1 {
+                        let _ = held_tx.send(());
+                        thread::sleep(Duration::from_millis(500));
+                    }
+                    "REGISTERED 90\n"
+                } else {
+                    "UNREGISTERED\n"
+                };
+                let _ = done.send(verb);
+                let _ = stream.write_all(reply.as_bytes());
+            });
+        }
+    });
+    (addr, carried_out, held)
+}
+
+#[test]
+fn unregister_is_the_last_thing_the_relay_carries_out() {
+    let dir = folder_with(&[]);
+    let (relay, carried_out, held) = recording_relay();
+    let mut peer = Server::peer_here(relay, dir.path(), |c| {
+        c.heartbeat = Duration::from_millis(100);
+    });
+    // Stop while the relay is still working on a heartbeat.
+    held.recv_timeout(Duration::from_secs(20)).unwrap();
+    let started = Instant::now();
+    peer.stop_here();
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    let order: Vec<String> = carried_out.try_iter().collect();
+    assert_eq!(order, ["REGISTER", "REGISTER", "UNREGISTER"]);
+}
