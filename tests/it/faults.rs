@@ -263,6 +263,25 @@ fn liar(relay: SocketAddr, reply: Vec<u8>) -> SocketAddr {
     addr
 }
 
+/// A relay of the test's own that lists `peers` in this order, every time.
+fn relay_listing(peers: Vec<SocketAddr>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            let mut reply = format!("PEERS {}\n", peers.len());
+            for peer in &peers {
+                reply.push_str(&format!("{peer}\n"));
+            }
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    addr
+}
+
 #[test]
 fn corrupt_content_is_discarded_and_fetched_again_elsewhere() {
     let content = b"the real content\n";
@@ -271,19 +290,19 @@ fn corrupt_content_is_discarded_and_fetched_again_elsewhere() {
     let mut lie = format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
     lie.extend_from_slice(b"the FAKE content\n");
     let liar = liar(net.relay.addr, lie);
-    eventually("both are listed", || live_peers(net.relay.addr).len() == 2);
+    // The liar first, always.
+    let relay = relay_listing(vec![liar, net.peers[0].addr]);
 
     let dest_dir = tempfile::tempdir().unwrap();
     let dest = dest_dir.path().join("f.txt");
-    // Random order: run a few times so that the liar comes first at least once.
-    let mut saw_liar = false;
-    for _ in 0..12 {
-        let out = net.client(&["get", "f.txt", "-o", dest.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        assert_eq!(fs::read(&dest).unwrap(), content);
-        saw_liar |= stderr(&out).contains(&format!("peer {liar}: content does not match its hash"));
-    }
-    assert!(saw_liar, "the corrupt peer was never asked first");
+    let out = client(relay, &["get", "f.txt", "-o", dest.to_str().unwrap()], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fs::read(&dest).unwrap(), content);
+    assert!(
+        stderr(&out).contains(&format!("peer {liar}: content does not match its hash")),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
         fs::read_dir(dest_dir.path()).unwrap().count(),
         1,
@@ -350,7 +369,11 @@ fn frozen_peers_cost_ls_one_timeout_in_all() {
 /// A relay of the test's own that answers each request in a thread of its
 /// own, holding the reply to the second REGISTER back for a while, and
 /// records each request when it has carried it out.
-fn recording_relay() -> (SocketAddr, std::sync::mpsc::Receiver<String>, std::sync::mpsc::Receiver<()>) {
+fn recording_relay() -> (
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<()>,
+) {
     use std::sync::{
         atomic::{AtomicUsize, Ordering},
         mpsc, Arc,
@@ -363,7 +386,8 @@ fn recording_relay() -> (SocketAddr, std::sync::mpsc::Receiver<String>, std::syn
     thread::spawn(move || {
         for stream in listener.incoming().take(16) {
             let Ok(mut stream) = stream else { continue };
-            let (done, held_tx, registers) = (done.clone(), held_tx.clone(), Arc::clone(&registers));
+            let (done, held_tx, registers) =
+                (done.clone(), held_tx.clone(), Arc::clone(&registers));
             thread::spawn(move || {
                 let mut line = String::new();
                 let _ = BufReader::new(&stream).read_line(&mut line);
@@ -396,7 +420,11 @@ fn unregister_is_the_last_thing_the_relay_carries_out() {
     held.recv_timeout(Duration::from_secs(20)).unwrap();
     let started = Instant::now();
     peer.stop_here();
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     let order: Vec<String> = carried_out.try_iter().collect();
     assert_eq!(order, ["REGISTER", "REGISTER", "UNREGISTER"]);
 }

@@ -55,10 +55,17 @@ impl Server {
     pub fn start_with_env(bin_name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("stderr.log");
-        let mut child = Command::new(bin(bin_name))
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .envs(env.iter().copied())
+        let mut command = Command::new(bin(bin_name));
+        command.args(args).env("RUST_LOG", "debug");
+        for (key, value) in env {
+            // An empty value removes the variable (RUST_LOG="" to see the flags work).
+            if value.is_empty() {
+                command.env_remove(key);
+            } else {
+                command.env(key, value);
+            }
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(fs::File::create(&log).expect("log file"))

@@ -151,10 +151,9 @@ fn output_into_a_folder_keeps_the_file_name() {
 fn a_peer_that_registers_again_is_listed_once() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Server::relay(&[]);
-    let peer = Server::peer(relay.addr, dir.path(), &["--heartbeat", "1"]);
+    let _peer = Server::peer(relay.addr, dir.path(), &["--heartbeat", "1"]);
     eventually("the peer has sent a few heartbeats", || {
-        peer.log().matches("REGISTERED").count() >= 3
-            || relay.log().matches("refreshed").count() >= 2
+        relay.log().matches("refreshed").count() >= 2
     });
     assert_eq!(live_peers(relay.addr).len(), 1);
 }

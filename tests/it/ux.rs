@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 
 use crate::harness::{
-    bin, client, eventually, live_peers, stderr, stdout, wait_output, Network, Server,
+    bin, client, eventually, live_peers, raw_exchange, stderr, stdout, wait_output, Network, Server,
 };
 
 /// Runs `peer-client` with `args` and extra environment, stdin empty.
@@ -263,7 +263,7 @@ fn sigterm_stops_the_servers_cleanly() {
         .map(|p| p.to_string())
         .collect();
     assert_eq!(listed, [net.peers[0].addr.to_string()]);
-    assert!(!listed.contains(&leaving_addr));
+    assert_ne!(leaving_addr, listed[0]);
     let log = leaving.log();
     assert!(
         log.contains("shutting down") && log.contains("unregistered from relay"),
@@ -389,24 +389,52 @@ fn completions_and_man_pages_need_no_other_arguments() {
 
 #[test]
 fn verbosity_from_the_environment_does_not_clash_with_the_command_line() {
+    // No RUST_LOG here: it would override both flags.
     let relay = Server::start_with_env(
         "relay-server",
         &["0", "--bind", "127.0.0.1", "-q"],
-        &[("RELAY_VERBOSE", "0")],
+        &[("RELAY_VERBOSE", "0"), ("RUST_LOG", "")],
     );
     let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.txt", b"a\n");
     let port = relay.port();
-    let _peer = Server::start_with_env(
+    let peer_args = |flag: &'static str| {
+        let mut args = vec![
+            "127.0.0.1".to_string(),
+            port.clone(),
+            "--dir".into(),
+            dir.path().to_str().unwrap().into(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+        ];
+        args.extend(Some(flag.to_string()).filter(|f| !f.is_empty()));
+        args
+    };
+    let verbose_args = peer_args("-v");
+    let verbose = Server::start_with_env(
         "peer-node",
-        &[
-            "127.0.0.1",
-            &port,
-            "--dir",
-            dir.path().to_str().unwrap(),
-            "--bind",
-            "127.0.0.1",
-            "-v",
-        ],
-        &[("PEER_QUIET", "1")],
+        &verbose_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("PEER_QUIET", "1"), ("RUST_LOG", "")],
     );
+    let quiet_args = peer_args("");
+    let quiet = Server::start_with_env(
+        "peer-node",
+        &quiet_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("PEER_QUIET", "1"), ("RUST_LOG", "")],
+    );
+    eventually("both peers are registered", || {
+        live_peers(relay.addr).len() == 2
+    });
+    for peer in [&verbose, &quiet] {
+        assert!(raw_exchange(peer.addr, b"RP2P/1 GET a.txt\n").ends_with(b"a\n"));
+    }
+    // -v on the command line wins over PEER_QUIET: debug lines.
+    eventually("the verbose peer logs debug lines", || {
+        verbose.log().contains(" DEBUG ")
+    });
+    // PEER_QUIET alone, and -q over RELAY_VERBOSE=0: no info lines, although
+    // each served requests that are logged at info.
+    let (quiet_log, relay_log) = (quiet.log(), relay.log());
+    assert!(!quiet_log.contains(" INFO "), "{quiet_log}");
+    assert!(!relay_log.contains(" INFO "), "{relay_log}");
 }
