@@ -65,7 +65,7 @@ fn list_peer(peer: PeerAddr, relay: &Relay) -> Result<Vec<FileEntry>, String> {
     let mut reply =
         net::send(&stream, |w| Request::List.write_to(w)).map_err(|e| net::describe(&e))?;
     match Response::read_from(&mut reply) {
-        Ok(Response::Files(entries)) => Ok(entries),
+        Ok(Response::Files { entries, .. }) => Ok(entries),
         Ok(Response::Error(e)) => Err(format!("refused: {e}")),
         Ok(other) => Err(format!("unexpected reply {other:?}")),
         Err(ProtocolError::Io(e)) => Err(net::describe(&e)),

@@ -52,6 +52,10 @@ struct Args {
     /// wait on a client that does not read
     #[arg(long, env = "PEER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
+    /// Also serve and list files that have more than one hard link (off by
+    /// default: another link to such a file may be outside the folder)
+    #[arg(long, env = "PEER_ALLOW_HARDLINKS", value_parser = FalseyValueParser::new())]
+    allow_hardlinks: bool,
     /// More log output (debug); RUST_LOG overrides
     #[arg(short, long, env = "PEER_VERBOSE", value_parser = FalseyValueParser::new())]
     verbose: bool,
@@ -76,7 +80,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let library = files::Library::open(&args.dir)?;
+    let options = files::Options {
+        allow_hardlinks: args.allow_hardlinks,
+    };
+    let library = files::Library::open_with(&args.dir, options)?;
     let advertise = args.advertise.as_deref().map(resolve_host).transpose()?;
     let relay = format!("{}:{}", args.relay_host, args.relay_port);
     // Fail fast on a relay name that does not exist; a relay that is only
