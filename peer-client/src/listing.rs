@@ -102,7 +102,7 @@ fn list_peer(peer: PeerAddr, relay: &Relay) -> Result<Vec<FileEntry>, CallError>
         |r| Response::read_from(r),
     )?;
     match reply {
-        Response::Files(entries) => Ok(entries),
+        Response::Files { entries, .. } => Ok(entries),
         Response::Error(e) => Err(CallError::Refused(e)),
         other => Err(CallError::BadReply(ProtocolError::UnexpectedReply(
             format!("{other:?}"),

@@ -1,6 +1,13 @@
 //! Where fetched content goes: stdout, or a file that appears only once
 //! complete and verified (written beside it under a temporary name, then
 //! renamed into place), so a failed fetch never leaves half a file.
+//!
+//! As with `curl -o`, a destination that is not a regular file is used as
+//! it is: a symlink is written through (the rename happens beside its
+//! final target, and the link stays), and a device or FIFO is written to
+//! directly (`-o /dev/null` discards, `-o fifo` feeds whoever reads it).
+//! Opening a FIFO waits for a reader, as curl does; that wait has no
+//! bound, since the user chose the FIFO and can interrupt.
 
 use std::{
     fs::File,
@@ -89,10 +96,18 @@ impl Drop for StdoutSink {
 /// A file being downloaded to `dest`.
 pub struct FileSink {
     /// `None` once committed.
-    temp: Option<NamedTempFile>,
+    out: Option<Out>,
     dest: PathBuf,
     /// The permissions of the file being replaced, kept for its successor.
     replaced: Option<std::fs::Permissions>,
+}
+
+enum Out {
+    /// Beside a regular (or new) file, renamed over it once complete.
+    Temp(NamedTempFile),
+    /// A device or FIFO, written as the content comes: what is written
+    /// cannot be taken back.
+    Direct(File),
 }
 
 impl FileSink {
@@ -114,6 +129,22 @@ impl FileSink {
         };
         if dest.is_dir() {
             anyhow::bail!("cannot save to {}: it is a folder", dest.display());
+        }
+        // A symlink is written through: the file replaced is its target.
+        let dest = final_target(dest);
+        if let Ok(meta) = std::fs::metadata(&dest) {
+            if !meta.is_file() {
+                // No truncation (a device) and no creation (it is there).
+                let file = File::options()
+                    .write(true)
+                    .open(&dest)
+                    .with_context(|| format!("cannot write to {}", dest.display()))?;
+                return Ok(FileSink {
+                    out: Some(Out::Direct(file)),
+                    dest,
+                    replaced: None,
+                });
+            }
         }
         let dir = match dest.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
@@ -142,7 +173,7 @@ impl FileSink {
             .push(temp.path().to_path_buf());
         let replaced = std::fs::metadata(&dest).ok().map(|m| m.permissions());
         Ok(FileSink {
-            temp: Some(temp),
+            out: Some(Out::Temp(temp)),
             dest,
             replaced,
         })
@@ -154,7 +185,14 @@ impl FileSink {
     }
 
     fn commit_inner(mut self) -> anyhow::Result<PathBuf> {
-        let temp = self.temp.take().context("download already saved")?;
+        let temp = match self.out.take().context("download already saved")? {
+            Out::Temp(temp) => temp,
+            Out::Direct(mut file) => {
+                file.flush()
+                    .with_context(|| format!("cannot write to {}", self.dest.display()))?;
+                return Ok(self.dest.clone());
+            }
+        };
         let dest = self.dest.clone();
         let temp_path = temp.path().to_path_buf();
         if let Some(permissions) = self.replaced.take() {
@@ -175,7 +213,7 @@ impl FileSink {
 impl Drop for FileSink {
     fn drop(&mut self) {
         // NamedTempFile removes the file itself; just stop tracking it.
-        if let Some(temp) = &self.temp {
+        if let Some(Out::Temp(temp)) = &self.out {
             forget(temp.path());
         }
     }
@@ -190,8 +228,9 @@ fn forget(path: &Path) {
 
 impl FileSink {
     fn file(&mut self) -> io::Result<&mut File> {
-        match &mut self.temp {
-            Some(temp) => Ok(temp.as_file_mut()),
+        match &mut self.out {
+            Some(Out::Temp(temp)) => Ok(temp.as_file_mut()),
+            Some(Out::Direct(file)) => Ok(file),
             None => Err(io::Error::other("download already saved")),
         }
     }
@@ -203,9 +242,160 @@ impl Sink for FileSink {
     }
 
     fn restart(&mut self) -> io::Result<bool> {
+        if let Some(Out::Direct(_)) = self.out {
+            return Ok(false);
+        }
         let file = self.file()?;
         file.set_len(0)?;
         file.rewind()?;
         Ok(true)
+    }
+}
+
+/// Where a chain of symlinks at `path` ends (the path itself when it is
+/// not a symlink), whether or not anything is there yet. Bounded like the
+/// kernel's own resolution; a longer chain is left to fail when used.
+fn final_target(mut path: PathBuf) -> PathBuf {
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&path) else {
+            break;
+        };
+        path = match path.parent() {
+            Some(dir) => dir.join(target),
+            None => target,
+        };
+    }
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        fs,
+        io::Read,
+        os::unix::fs::{symlink, FileTypeExt},
+        process::Command,
+        thread,
+    };
+
+    fn name() -> protocol::FileName {
+        protocol::FileName::new("dir/file.txt").unwrap()
+    }
+
+    fn save(dest: &Path, content: &[u8]) -> PathBuf {
+        let mut sink = FileSink::create(dest, &name()).unwrap();
+        sink.write_all(content).unwrap();
+        sink.commit().unwrap()
+    }
+
+    /// Files in `dir` other than the ones named: leftovers of a download.
+    fn others(dir: &Path, expected: &[&str]) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !expected.contains(&n.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn a_regular_file_is_replaced_only_when_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        fs::write(&dest, "old").unwrap();
+        let mut sink = FileSink::create(&dest, &name()).unwrap();
+        sink.write_all(b"half").unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"old");
+        assert!(sink.restart().unwrap());
+        drop(sink);
+        assert_eq!(fs::read(&dest).unwrap(), b"old");
+        assert_eq!(others(dir.path(), &["out"]), Vec::<String>::new());
+        save(&dest, b"new");
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
+        // A folder takes the file under its own name.
+        assert_eq!(save(dir.path(), b"x"), dir.path().join("file.txt"));
+    }
+
+    #[test]
+    fn a_symlink_is_written_through_and_stays_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("real")).unwrap();
+        let target = dir.path().join("real/target");
+        fs::write(&target, "old").unwrap();
+        let link = dir.path().join("link");
+        symlink("real/target", &link).unwrap();
+        let chain = dir.path().join("chain");
+        symlink("link", &chain).unwrap();
+        save(&chain, b"new");
+        assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert!(fs::symlink_metadata(&chain).unwrap().is_symlink());
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        assert_eq!(
+            others(&dir.path().join("real"), &["target"]),
+            Vec::<String>::new()
+        );
+        // A link to nothing yet: its target is created.
+        let dangling = dir.path().join("dangling");
+        symlink("real/new", &dangling).unwrap();
+        save(&dangling, b"fresh");
+        assert!(fs::symlink_metadata(&dangling).unwrap().is_symlink());
+        assert_eq!(fs::read(dir.path().join("real/new")).unwrap(), b"fresh");
+    }
+
+    #[test]
+    fn a_fifo_is_fed_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let reader = {
+            let fifo = fifo.clone();
+            // Opening a FIFO waits for the other end: the sink's open below.
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                fs::File::open(fifo).unwrap().read_to_end(&mut got).unwrap();
+                got
+            })
+        };
+        let mut sink = FileSink::create(&fifo, &name()).unwrap();
+        sink.write_all(b"through the pipe").unwrap();
+        assert!(!sink.restart().unwrap(), "what went down a pipe stays sent");
+        sink.commit().unwrap();
+        assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        assert_eq!(others(dir.path(), &["fifo"]), Vec::<String>::new());
+    }
+
+    /// A device node like /dev/null, made in a temporary folder so that a
+    /// failure of this test cannot replace the real one.
+    #[test]
+    fn a_device_stays_a_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let null = dir.path().join("null");
+        let made = Command::new("mknod")
+            .arg(&null)
+            .args(["c", "1", "3"])
+            .status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("skipped: cannot make a device node here");
+            return;
+        }
+        let mut sink = FileSink::create(&null, &name()).unwrap();
+        sink.write_all(b"into nothing").unwrap();
+        assert!(!sink.restart().unwrap());
+        sink.commit().unwrap();
+        assert!(fs::symlink_metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        assert_eq!(others(dir.path(), &["null"]), Vec::<String>::new());
+        // The real one, which cannot be harmed by a read of its type.
+        assert!(fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device());
     }
 }

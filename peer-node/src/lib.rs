@@ -44,6 +44,9 @@ pub struct Config {
     pub timeout: Duration,
     /// How long transfers in flight may go on after a stop.
     pub grace: Duration,
+    /// Serve files with more than one hard link (another link may be
+    /// outside the folder, which no check can see).
+    pub allow_hardlinks: bool,
 }
 
 impl Config {
@@ -59,6 +62,7 @@ impl Config {
             max_connections: 512,
             timeout: Duration::from_secs(10),
             grace: Duration::from_secs(5),
+            allow_hardlinks: false,
         }
     }
 }
@@ -109,8 +113,11 @@ pub struct Node {
 /// Opens the folder, binds `config.bind`, starts serving, and registers
 /// with the relay, all in background threads.
 pub fn bind(config: Config) -> Result<Node, StartError> {
-    let library =
-        files::Library::open(&config.dir).map_err(|e| StartError::Folder(format!("{e:#}")))?;
+    let options = files::Options {
+        allow_hardlinks: config.allow_hardlinks,
+    };
+    let library = files::Library::open_with(&config.dir, options)
+        .map_err(|e| StartError::Folder(format!("{e:#}")))?;
     // Fail fast on a relay name that does not exist.
     config
         .relay

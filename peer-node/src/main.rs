@@ -45,6 +45,10 @@ struct Args {
     /// wait on a client that does not read
     #[arg(long, env = "PEER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
+    /// Also serve and list files that have more than one hard link (off by
+    /// default: another link to such a file may be outside the folder)
+    #[arg(long, env = "PEER_ALLOW_HARDLINKS", value_parser = FalseyValueParser::new())]
+    allow_hardlinks: bool,
     /// More log output (debug); RUST_LOG overrides
     #[arg(short, long, env = "PEER_VERBOSE", value_parser = FalseyValueParser::new())]
     verbose: bool,
@@ -79,6 +83,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections as usize,
         timeout: Duration::from_secs(args.timeout),
         grace: Duration::from_secs(5),
+        allow_hardlinks: args.allow_hardlinks,
     })?;
     cli::print_address(node.local_addr()).context("cannot write to stdout")?;
     let shutdown = node.shutdown();

@@ -84,7 +84,7 @@ fn send_file<W: Write>(
         Ok(served) => served,
         Err(refusal) => {
             let summary = format!("refused: {refusal}");
-            Response::Error(refusal).write_to(out)?;
+            Response::Error((&refusal).into()).write_to(out)?;
             return Ok(summary);
         }
     };
@@ -119,7 +119,10 @@ fn send_file<W: Write>(
 
 fn send_list<W: Write>(peer: &Peer, out: &mut W) -> anyhow::Result<String> {
     let response = match peer.library.list(MAX_FILES) {
-        Ok(entries) => Response::Files(entries),
+        Ok(listing) => Response::Files {
+            entries: listing.entries,
+            truncated: listing.truncated,
+        },
         Err(e) => Response::Error(ErrorReply::new(
             ErrorCode::Internal,
             format!("cannot list the folder: {e}"),
@@ -127,7 +130,13 @@ fn send_list<W: Write>(peer: &Peer, out: &mut W) -> anyhow::Result<String> {
     };
     response.write_to(out)?;
     Ok(match response {
-        Response::Files(entries) => format!("{} files", entries.len()),
+        Response::Files { entries, truncated } => {
+            format!(
+                "{} files{}",
+                entries.len(),
+                if truncated { ", truncated" } else { "" }
+            )
+        }
         _ => "cannot list the folder".into(),
     })
 }

@@ -15,6 +15,8 @@ pub enum ProtocolError {
     NotUtf8,
     #[error("empty request")]
     EmptyRequest,
+    #[error("control character in the request line")]
+    ControlChar,
     #[error("unsupported protocol version {0:?} (requests start with {v})", v = crate::VERSION)]
     Version(String),
     #[error("unknown command {0:?}")]

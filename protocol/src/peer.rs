@@ -83,9 +83,16 @@ pub struct FileEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     File(FileHeader),
-    Files(Vec<FileEntry>),
+    /// `truncated`: the peer has more files than it listed.
+    Files {
+        entries: Vec<FileEntry>,
+        truncated: bool,
+    },
     Error(ErrorReply),
 }
+
+/// The optional word after the count in `FILES <n> truncated`.
+const TRUNCATED: &str = "truncated";
 
 impl Response {
     /// Reads a reply. After `File`, the content is the next bytes in `r`.
@@ -103,7 +110,18 @@ impl Response {
                         .map_err(|_| ProtocolError::invalid("hash", hash))?,
                 })
             }
-            "FILES" => Response::Files(read_items(r, rest, MAX_FILES, parse_entry)?),
+            "FILES" => {
+                // `FILES <n>`, or `FILES <n> truncated` when the peer had more.
+                let (count, truncated) = match rest.split_once(' ') {
+                    Some((count, TRUNCATED)) => (count, true),
+                    Some(_) => return Err(ProtocolError::invalid("files header", &line)),
+                    None => (rest, false),
+                };
+                Response::Files {
+                    entries: read_items(r, count, MAX_FILES, parse_entry)?,
+                    truncated,
+                }
+            }
             "ERR" => Response::Error(ErrorReply::parse(rest)?),
             _ => return Err(ProtocolError::UnexpectedReply(line)),
         })
@@ -119,8 +137,12 @@ impl Response {
     fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
         match self {
             Response::File(header) => writeln!(w, "FILE {} {}", header.size, header.hash),
-            Response::Files(entries) => {
-                writeln!(w, "FILES {}", entries.len())?;
+            Response::Files { entries, truncated } => {
+                if *truncated {
+                    writeln!(w, "FILES {} {TRUNCATED}", entries.len())?;
+                } else {
+                    writeln!(w, "FILES {}", entries.len())?;
+                }
                 for entry in entries {
                     writeln!(w, "{} {}", entry.size, entry.name.encode())?;
                 }
@@ -229,23 +251,58 @@ mod tests {
     #[test]
     fn lists_and_errors_round_trip() {
         for resp in [
-            Response::Files(vec![]),
-            Response::Files(vec![
-                FileEntry {
-                    size: 0,
-                    name: name("empty"),
-                },
-                FileEntry {
-                    size: 12,
-                    name: name("dir/with space.txt"),
-                },
-            ]),
+            Response::Files {
+                entries: vec![],
+                truncated: false,
+            },
+            Response::Files {
+                entries: vec![
+                    FileEntry {
+                        size: 0,
+                        name: name("empty"),
+                    },
+                    FileEntry {
+                        size: 12,
+                        name: name("dir/with space.txt"),
+                    },
+                ],
+                truncated: false,
+            },
+            Response::Files {
+                entries: vec![FileEntry {
+                    size: 1,
+                    name: name("first"),
+                }],
+                truncated: true,
+            },
             Response::Error(ErrorReply::new(ErrorCode::NotFound, "no such file \"x\"")),
         ] {
             let mut buf = Vec::new();
             resp.write_to(&mut buf).unwrap();
             assert_eq!(Response::read_from(&mut Cursor::new(buf)).unwrap(), resp);
         }
+    }
+
+    #[test]
+    fn a_plain_count_is_a_complete_listing() {
+        assert_eq!(
+            Response::read_from(&mut Cursor::new(b"FILES 1\n3 a\n")).unwrap(),
+            Response::Files {
+                entries: vec![FileEntry {
+                    size: 3,
+                    name: name("a")
+                }],
+                truncated: false
+            }
+        );
+        let mut buf = Vec::new();
+        Response::Files {
+            entries: vec![],
+            truncated: true,
+        }
+        .write_to(&mut buf)
+        .unwrap();
+        assert_eq!(buf, b"FILES 0 truncated\n");
     }
 
     #[test]
@@ -258,6 +315,9 @@ mod tests {
             b"FILES 1\n3\n",
             b"FILES 1\n3 ../x\n",
             b"FILES 10001\n",
+            b"FILES 0 cut\n",
+            b"FILES 0 truncated more\n",
+            b"FILES 0  truncated\n",
             b"OK\n",
         ] {
             assert!(
@@ -289,6 +349,21 @@ mod tests {
                 let req = Request::Get { name, offset };
                 prop_assert_eq!(round_trip_request(&req), req);
             }
+        }
+
+        #[test]
+        fn listings_round_trip(
+            files in proptest::collection::vec((any::<u64>(), "[a-zA-Z0-9 %._/-]{1,20}"), 0..20),
+            truncated in any::<bool>(),
+        ) {
+            let entries = files
+                .into_iter()
+                .filter_map(|(size, n)| FileName::new(&n).ok().map(|name| FileEntry { size, name }))
+                .collect();
+            let resp = Response::Files { entries, truncated };
+            let mut buf = Vec::new();
+            resp.write_to(&mut buf).unwrap();
+            prop_assert_eq!(Response::read_from(&mut Cursor::new(buf)).unwrap(), resp);
         }
 
         #[test]

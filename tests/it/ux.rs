@@ -438,3 +438,57 @@ fn verbosity_from_the_environment_does_not_clash_with_the_command_line() {
     assert!(!quiet_log.contains(" INFO "), "{quiet_log}");
     assert!(!relay_log.contains(" INFO "), "{relay_log}");
 }
+
+/// `-o` behaves like curl's: a symlink is written through and stays a
+/// link, a FIFO is fed, a device (here a copy of /dev/null, so that a
+/// failure cannot replace the real one) stays a device.
+#[test]
+fn get_o_writes_through_links_and_into_fifos_and_devices() {
+    use std::os::unix::fs::{symlink, FileTypeExt};
+    let (_a, _b, net) = two_peers();
+    let out_dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| out_dir.path().join(name);
+
+    fs::write(at("target.txt"), "old").unwrap();
+    symlink("target.txt", at("link")).unwrap();
+    let out = net.client(&["get", "alpha.txt", "-o", at("link").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(fs::symlink_metadata(at("link")).unwrap().is_symlink());
+    assert_eq!(fs::read_to_string(at("target.txt")).unwrap(), "alpha\n");
+
+    let made = Command::new("mkfifo").arg(at("fifo")).status().unwrap();
+    assert!(made.success());
+    let reader = {
+        let fifo = at("fifo");
+        std::thread::spawn(move || fs::read(fifo).unwrap())
+    };
+    let out = net.client(&["get", "beta.txt", "-o", at("fifo").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(reader.join().unwrap(), b"beta!\n");
+    assert!(fs::symlink_metadata(at("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+
+    let null = at("null");
+    let made = Command::new("mknod")
+        .arg(&null)
+        .args(["c", "1", "3"])
+        .status();
+    if made.is_ok_and(|s| s.success()) {
+        let out = net.client(&["get", "shared.txt", "-o", null.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(fs::symlink_metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device());
+    } else {
+        eprintln!("device part skipped: cannot make a device node here");
+    }
+    let left: Vec<_> = fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".part"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
