@@ -16,30 +16,67 @@ use std::{
     sync::Mutex,
 };
 
-use anyhow::Context;
 use tempfile::NamedTempFile;
 
 use crate::fetch::Sink;
 
 /// Why content cannot be saved where the user asked.
 #[derive(Debug, thiserror::Error)]
-#[error("{0:#}")]
-pub struct SaveError(#[from] anyhow::Error);
+pub enum SaveError {
+    /// The path ends in `/` but names no folder.
+    #[error("cannot save to {}: no such folder", .0.display())]
+    NoFolder(PathBuf),
+    /// The path is a folder (after adding the file's name to it).
+    #[error("cannot save to {}: it is a folder", .0.display())]
+    IsFolder(PathBuf),
+    /// A step on `path` failed: opening, creating the temporary file,
+    /// keeping the permissions, writing or renaming.
+    #[error("cannot {what} {}: {source}", .path.display())]
+    Io {
+        /// What was being done, as a verb phrase.
+        what: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn failed<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SaveError + 'a {
+    move |source| SaveError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// Temporary files of downloads in progress, removed if the user interrupts.
 static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-/// On Ctrl-C or SIGTERM, remove partial downloads before exiting.
+/// On Ctrl-C (SIGINT) or SIGTERM, removes partial downloads, then exits
+/// as a shell expects of a process ended by that signal: 128 + its number
+/// (130, 143).
 pub fn clean_up_on_interrupt() -> io::Result<()> {
-    ctrlc::set_handler(|| {
-        let pending = IN_PROGRESS.lock().unwrap_or_else(|p| p.into_inner());
-        for path in pending.iter() {
-            let _ = std::fs::remove_file(path);
-        }
-        eprintln!("interrupted");
-        std::process::exit(130);
-    })
-    .map_err(io::Error::other)
+    use signal_hook::{
+        consts::{SIGINT, SIGTERM},
+        iterator::Signals,
+    };
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    // Lives as long as the process: signals can come at any time.
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let pending = IN_PROGRESS.lock().unwrap_or_else(|p| p.into_inner());
+                for path in pending.iter() {
+                    let _ = std::fs::remove_file(path);
+                }
+                eprintln!("interrupted");
+                std::process::exit(128 + signal);
+            }
+        })?;
+    Ok(())
 }
 
 /// Raw standard output: content is written in large chunks straight to the
@@ -114,21 +151,17 @@ impl FileSink {
     /// Prepares to save to `dest`; a folder means a file in it named like
     /// the last part of `name`.
     pub fn create(dest: &Path, name: &protocol::FileName) -> Result<Self, SaveError> {
-        Self::create_inner(dest, name).map_err(SaveError)
-    }
-
-    fn create_inner(dest: &Path, name: &protocol::FileName) -> anyhow::Result<Self> {
         // Checked now, not after a long download.
         let dest = if dest.is_dir() {
             let base = name.as_str().rsplit('/').next().unwrap_or(name.as_str());
             dest.join(base)
         } else if dest.as_os_str().as_encoded_bytes().ends_with(b"/") {
-            anyhow::bail!("cannot save to {}: no such folder", dest.display());
+            return Err(SaveError::NoFolder(dest.to_path_buf()));
         } else {
             dest.to_path_buf()
         };
         if dest.is_dir() {
-            anyhow::bail!("cannot save to {}: it is a folder", dest.display());
+            return Err(SaveError::IsFolder(dest));
         }
         // A symlink is written through: the file replaced is its target.
         let dest = final_target(dest);
@@ -138,7 +171,7 @@ impl FileSink {
                 let file = File::options()
                     .write(true)
                     .open(&dest)
-                    .with_context(|| format!("cannot write to {}", dest.display()))?;
+                    .map_err(failed("write to", &dest))?;
                 return Ok(FileSink {
                     out: Some(Out::Direct(file)),
                     dest,
@@ -166,7 +199,7 @@ impl FileSink {
         }
         let temp = builder
             .tempfile_in(&dir)
-            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+            .map_err(failed("create a file in", &dir))?;
         IN_PROGRESS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -180,31 +213,28 @@ impl FileSink {
     }
 
     /// Moves the complete file into place.
-    pub fn commit(self) -> Result<PathBuf, SaveError> {
-        self.commit_inner().map_err(SaveError)
-    }
-
-    fn commit_inner(mut self) -> anyhow::Result<PathBuf> {
-        let temp = match self.out.take().context("download already saved")? {
-            Out::Temp(temp) => temp,
-            Out::Direct(mut file) => {
-                file.flush()
-                    .with_context(|| format!("cannot write to {}", self.dest.display()))?;
+    pub fn commit(mut self) -> Result<PathBuf, SaveError> {
+        let temp = match self.out.take() {
+            Some(Out::Temp(temp)) => temp,
+            Some(Out::Direct(mut file)) => {
+                file.flush().map_err(failed("write to", &self.dest))?;
                 return Ok(self.dest.clone());
             }
+            // `commit` takes `self`: it cannot run twice.
+            None => return Ok(self.dest.clone()),
         };
         let dest = self.dest.clone();
         let temp_path = temp.path().to_path_buf();
         if let Some(permissions) = self.replaced.take() {
             temp.as_file()
                 .set_permissions(permissions)
-                .with_context(|| format!("cannot set permissions of {}", temp_path.display()))?;
+                .map_err(failed("set permissions of", &temp_path))?;
         }
         // No fsync, like curl and rsync: the rename keeps a crash or a kill
         // from leaving half a file, and durability is the file system's.
         temp.persist(&dest)
             .map_err(|e| e.error)
-            .with_context(|| format!("cannot save {}", dest.display()))?;
+            .map_err(failed("save", &dest))?;
         forget(&temp_path);
         Ok(dest)
     }

@@ -428,3 +428,62 @@ fn unregister_is_the_last_thing_the_relay_carries_out() {
     let order: Vec<String> = carried_out.try_iter().collect();
     assert_eq!(order, ["REGISTER", "REGISTER", "UNREGISTER"]);
 }
+
+/// A fake peer that sends the header and `sent` bytes of a bigger file,
+/// then holds the connection open without sending more.
+fn stalling_peer(relay: SocketAddr, size: usize, sent: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut line);
+                let mut reply = format!("FILE {size} {}\n", blake3::hash(b"whatever")).into_bytes();
+                reply.extend(std::iter::repeat_n(b'x', sent));
+                let _ = stream.write_all(&reply);
+                thread::sleep(Duration::from_secs(20));
+            });
+        }
+    });
+    let reply = raw_exchange(
+        relay,
+        format!("RP2P/1 REGISTER {}\n", addr.port()).as_bytes(),
+    );
+    assert!(reply.starts_with(b"REGISTERED"));
+    addr
+}
+
+#[test]
+fn an_interrupted_download_exits_128_plus_the_signal_and_leaves_nothing() {
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        let relay = Server::relay_here(|_| {});
+        stalling_peer(relay.addr, 1 << 20, 1000);
+        let dest_dir = tempfile::tempdir().unwrap();
+        let dest = dest_dir.path().join("f.bin");
+        let child = Command::new(bin("peer-client"))
+            .args(["127.0.0.1", &relay.port(), "get", "f.bin", "-o"])
+            .arg(&dest)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        eventually("the download has started", || {
+            fs::read_dir(dest_dir.path()).unwrap().count() == 1
+        });
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = wait_output(child);
+        assert_eq!(out.status.code(), Some(code), "{signal}: {}", stderr(&out));
+        assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+        assert_eq!(
+            fs::read_dir(dest_dir.path()).unwrap().count(),
+            0,
+            "a partial file was left behind"
+        );
+    }
+}
