@@ -41,7 +41,7 @@ impl Failure {
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Fetch(e) if e.is_not_found() => 1,
-            Failure::Fetch(FetchError::Output { .. }) => 4,
+            Failure::Fetch(FetchError::Output { .. } | FetchError::TooBig { .. }) => 4,
             Failure::Relay(_) | Failure::Fetch(_) | Failure::NoListing { .. } => 3,
             Failure::Stdout(_) | Failure::Save(_) | Failure::Input(_) | Failure::Signal(_) => 4,
         }

@@ -28,6 +28,34 @@ pub trait Sink {
     /// Throws away everything written so far, so that the fetch can start
     /// over with other content; false where that is impossible (stdout).
     fn restart(&mut self) -> io::Result<bool>;
+    /// Bytes that can still be written, where that is known (a file
+    /// system's free space); `None` where it is not (a pipe, a device).
+    fn room(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// What a download may cost: how big a file is accepted, and how slow a
+/// peer may be before the next holder is asked instead.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Files announced bigger than this are not fetched.
+    pub max_size: Option<u64>,
+    /// A peer sending fewer bytes a second than this, on average over
+    /// `speed_time`, is dropped (the transfer resumes elsewhere); 0: never.
+    pub speed_limit: u64,
+    /// The window over which `speed_limit` is judged.
+    pub speed_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_size: None,
+            speed_limit: 1024,
+            speed_time: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Hooks for progress display; the default does nothing.
@@ -56,6 +84,9 @@ pub enum FetchError {
     Failed { name: String, reason: String },
     #[error("cannot write {name:?}: {source}")]
     Output { name: String, source: io::Error },
+    /// Every peer holding it announced a size over a limit of this side.
+    #[error("cannot fetch {name:?}: {reason}")]
+    TooBig { name: String, reason: String },
 }
 
 impl FetchError {
@@ -97,10 +128,13 @@ enum Attempt {
     Broke(String),
     /// The peer has other content under that name than what already arrived.
     OtherVersion,
+    /// The peer announces a size over `--max-size` or the free space.
+    TooBig(String),
 }
 
 pub struct Fetcher<'a> {
     pub timeout: Duration,
+    pub limits: Limits,
     /// Called with one line for every peer skipped and why.
     pub note: &'a mut dyn FnMut(&str),
     pub progress: &'a mut dyn Progress,
@@ -118,7 +152,7 @@ impl Fetcher<'_> {
         }
         let mut partial: Option<Partial> = None;
         let mut buf = vec![0; CHUNK];
-        let (mut missing, mut skipped, mut offered) = (0, Vec::new(), false);
+        let (mut missing, mut skipped, mut offered, mut too_big) = (0, Vec::new(), false, 0);
         // Peers that answered `busy` are asked again after the others, with
         // growing pauses, for up to the timeout.
         let mut round = peers.to_vec();
@@ -139,6 +173,10 @@ impl Fetcher<'_> {
                         Attempt::Busy(why) => busy.push((peer, why)),
                         Attempt::Skipped(why) => self.skip(&mut skipped, peer, &why),
                         Attempt::Broke(why) => self.skip(&mut skipped, peer, &why),
+                        Attempt::TooBig(why) => {
+                            too_big += 1;
+                            self.skip(&mut skipped, peer, &why);
+                        }
                         Attempt::OtherVersion if !retried && restart(sink, name)? => {
                             (self.note)(&format!(
                                 "peer {peer}: has another version of {name:?}; starting over from it"
@@ -176,6 +214,13 @@ impl Fetcher<'_> {
             round = busy.into_iter().map(|(peer, _)| peer).collect();
         }
         self.progress.finish();
+        if !offered && too_big > 0 && too_big == skipped.len() {
+            // Asking again will not help: this side's limit is the obstacle.
+            return Err(FetchError::TooBig {
+                name: name.to_string(),
+                reason: skipped.join("; "),
+            });
+        }
         if !offered && skipped.is_empty() {
             // Every peer answered, and none has it.
             return Err(FetchError::NotFound {
@@ -203,6 +248,32 @@ impl Fetcher<'_> {
             name: name.to_string(),
             reason,
         })
+    }
+
+    /// Why a peer's announced size rules it out, if it does.
+    fn too_big(
+        &self,
+        header: &FileHeader,
+        partial: Option<&Partial>,
+        sink: &dyn Sink,
+    ) -> Option<String> {
+        if let Some(max) = self.limits.max_size.filter(|&max| header.size > max) {
+            return Some(format!(
+                "announces {} bytes, over --max-size {max}",
+                header.size
+            ));
+        }
+        let already = partial
+            .filter(|p| (p.size, p.hash) == (header.size, header.hash))
+            .map_or(0, |p| p.received);
+        let need = header.size - already;
+        match sink.room() {
+            Some(room) if need > room => Some(format!(
+                "announces {} bytes, more than the {room} bytes free where it would be saved",
+                header.size
+            )),
+            _ => None,
+        }
     }
 
     /// Notes why `peer` was passed over.
@@ -252,6 +323,9 @@ impl Fetcher<'_> {
             }
             Err(e) => return Ok(Attempt::Skipped(e)),
         };
+        if let Some(why) = self.too_big(&header, partial.as_ref(), sink) {
+            return Ok(Attempt::TooBig(why));
+        }
         let reader = call.content();
         let p = match partial {
             Some(p) if (p.size, p.hash) != (header.size, header.hash) => {
@@ -264,6 +338,8 @@ impl Fetcher<'_> {
             None => partial.insert(Partial::new(header)),
         };
         self.progress.start(p.size, p.received);
+        // Bytes received since `window` began, for the low-speed limit.
+        let (mut window, mut in_window) = (Instant::now(), 0u64);
         while p.received < p.size {
             let want = (p.size - p.received).min(buf.len() as u64) as usize;
             let n = match reader.read(&mut buf[..want]) {
@@ -295,6 +371,21 @@ impl Fetcher<'_> {
                 })?;
             p.received += n as u64;
             self.progress.advance(n as u64);
+            in_window += n as u64;
+            let spent = window.elapsed();
+            if self.limits.speed_limit > 0 && spent >= self.limits.speed_time {
+                let rate = in_window as f64 / spent.as_secs_f64();
+                if rate < self.limits.speed_limit as f64 {
+                    return Ok(Attempt::Broke(format!(
+                        "slower than {} bytes/s for {}s ({rate:.0} bytes/s) at {} of {} bytes",
+                        self.limits.speed_limit,
+                        self.limits.speed_time.as_secs(),
+                        p.received,
+                        p.size
+                    )));
+                }
+                (window, in_window) = (Instant::now(), 0);
+            }
         }
         if p.hasher.finalize() != p.hash {
             // Which part was bad cannot be known: start over, or give up.
@@ -324,7 +415,7 @@ mod tests {
     use super::*;
     use std::{
         io::{BufRead, BufReader, Write},
-        net::TcpListener,
+        net::{TcpListener, TcpStream},
         sync::mpsc,
         thread,
     };
@@ -374,9 +465,30 @@ mod tests {
         b"ERR not-found no file\n".to_vec()
     }
 
+    /// A fake peer that answers with `answer`, which writes on the stream
+    /// as it likes (slowly, in pieces).
+    fn streaming_peer(answer: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static) -> PeerAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let answer = std::sync::Arc::new(answer);
+        thread::spawn(move || {
+            for stream in listener.incoming().take(8) {
+                let Ok(mut stream) = stream else { continue };
+                let answer = std::sync::Arc::clone(&answer);
+                thread::spawn(move || {
+                    let mut line = String::new();
+                    let _ = BufReader::new(&stream).read_line(&mut line);
+                    answer(line.trim_end(), &mut stream);
+                });
+            }
+        });
+        addr
+    }
+
     struct Memory {
         data: Vec<u8>,
         restartable: bool,
+        room: Option<u64>,
     }
 
     impl Sink for Memory {
@@ -390,24 +502,147 @@ mod tests {
             }
             Ok(self.restartable)
         }
+        fn room(&self) -> Option<u64> {
+            self.room
+        }
     }
 
     fn fetch(
         peers: &[PeerAddr],
         restartable: bool,
     ) -> (Result<Fetched, FetchError>, Vec<u8>, Vec<String>) {
+        fetch_with(
+            peers,
+            restartable,
+            Limits::default(),
+            None,
+            Duration::from_secs(5),
+        )
+    }
+
+    fn fetch_with(
+        peers: &[PeerAddr],
+        restartable: bool,
+        limits: Limits,
+        room: Option<u64>,
+        timeout: Duration,
+    ) -> (Result<Fetched, FetchError>, Vec<u8>, Vec<String>) {
         let mut notes = Vec::new();
         let mut sink = Memory {
             data: Vec::new(),
             restartable,
+            room,
         };
         let result = Fetcher {
-            timeout: Duration::from_secs(5),
+            timeout,
+            limits,
             note: &mut |line| notes.push(line.to_string()),
             progress: &mut (),
         }
         .fetch(peers, &FileName::new("f.bin").unwrap(), &mut sink);
         (result, sink.data, notes)
+    }
+
+    #[test]
+    fn a_header_dripped_byte_by_byte_costs_one_timeout() {
+        let dripping = streaming_peer(|_, stream| {
+            let header = format!("FILE {} {}\n", CONTENT.len(), blake3::hash(CONTENT));
+            for byte in header.bytes() {
+                if stream.write_all(&[byte]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let (good, _) = fake_peer(honest(CONTENT));
+        let started = Instant::now();
+        let (result, data, notes) = fetch_with(
+            &[dripping, good],
+            false,
+            Limits::default(),
+            None,
+            Duration::from_secs(1),
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(result.unwrap().peer, good);
+        assert_eq!(data, CONTENT);
+        assert_eq!(
+            notes,
+            [format!("peer {dripping}: timed out waiting for the reply")]
+        );
+    }
+
+    #[test]
+    fn a_size_over_the_limit_or_the_free_space_is_not_fetched() {
+        let (huge, _) =
+            fake_peer(|_| format!("FILE {} {}\n", u64::MAX / 2, blake3::hash(b"x")).into_bytes());
+        let (good, _) = fake_peer(honest(CONTENT));
+        let limits = Limits {
+            max_size: Some(1000),
+            ..Limits::default()
+        };
+        let timeout = Duration::from_secs(5);
+        // The liar is skipped, the honest holder delivers.
+        let (result, data, notes) = fetch_with(&[huge, good], false, limits, None, timeout);
+        assert_eq!(result.unwrap().peer, good);
+        assert_eq!(data, CONTENT);
+        assert!(notes[0].contains("over --max-size 1000"), "{notes:?}");
+        // Alone, it is this side's limit that stops the fetch: nothing written.
+        let (result, data, _) = fetch_with(&[huge], false, limits, None, timeout);
+        assert!(
+            matches!(result, Err(FetchError::TooBig { .. })),
+            "{result:?}"
+        );
+        assert!(data.is_empty());
+        // Without --max-size, the free space decides.
+        let (result, data, _) =
+            fetch_with(&[huge], false, Limits::default(), Some(1 << 30), timeout);
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("bytes free"), "{err}");
+        assert!(data.is_empty());
+        let (result, _, _) = fetch_with(&[good], false, Limits::default(), Some(35), timeout);
+        assert!(matches!(result, Err(FetchError::TooBig { .. })));
+        let (result, _, _) = fetch_with(&[good], false, Limits::default(), Some(36), timeout);
+        assert!(result.is_ok());
+    }
+
+    #[test]
+    fn a_peer_below_the_speed_limit_is_dropped_and_the_next_resumes() {
+        // 4 bytes every 100 ms: 40 bytes/s, each read well within the timeout.
+        let slow = streaming_peer(|_, stream| {
+            let header = format!("FILE {} {}\n", CONTENT.len(), blake3::hash(CONTENT));
+            let _ = stream.write_all(header.as_bytes());
+            for piece in CONTENT.chunks(4) {
+                if stream.write_all(piece).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let (good, requests) = fake_peer(honest(CONTENT));
+        let limits = Limits {
+            max_size: None,
+            speed_limit: 100,
+            speed_time: Duration::from_millis(300),
+        };
+        let (result, data, notes) =
+            fetch_with(&[slow, good], false, limits, None, Duration::from_secs(5));
+        assert_eq!(result.unwrap().peer, good);
+        assert_eq!(data, CONTENT);
+        assert!(notes[0].contains("slower than 100 bytes/s"), "{notes:?}");
+        let resumed_at: u64 = requests
+            .recv()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(resumed_at > 0 && resumed_at < CONTENT.len() as u64);
     }
 
     const CONTENT: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
@@ -534,6 +769,7 @@ mod tests {
         let mut notes = Vec::new();
         let result = Fetcher {
             timeout: Duration::from_secs(1),
+            limits: Limits::default(),
             note: &mut |line| notes.push(line.to_string()),
             progress: &mut (),
         }
@@ -543,6 +779,7 @@ mod tests {
             &mut Memory {
                 data: Vec::new(),
                 restartable: false,
+                room: None,
             },
         );
         assert!(started.elapsed() < Duration::from_secs(3));

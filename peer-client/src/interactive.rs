@@ -9,7 +9,7 @@ use protocol::{FileName, PeerAddr};
 use crate::{
     complete::Catalog,
     discover::Relay,
-    fetch::Fetcher,
+    fetch::{Fetcher, Limits},
     input::Input,
     listing,
     print::{self, Format},
@@ -27,7 +27,7 @@ commands:
   help          show this help
   quit          leave (so does end of input, Ctrl-D)";
 
-pub fn run(relay: &Relay) -> Result<(), Failure> {
+pub fn run(relay: &Relay, limits: Limits) -> Result<(), Failure> {
     let mut peers = relay.peers()?;
     eprintln!(
         "{} live peers via relay {relay}; type a file name, or help",
@@ -50,8 +50,8 @@ pub fn run(relay: &Relay) -> Result<(), Failure> {
                 eprintln!("{} live peers", peers.len());
             }
             "ls" => ls(relay, &catalog, rest),
-            "get" => get(relay, &mut peers, rest),
-            _ => get(relay, &mut peers, line),
+            "get" => get(relay, limits, &mut peers, rest),
+            _ => get(relay, limits, &mut peers, line),
         }
     }
     Ok(())
@@ -91,7 +91,7 @@ fn show(written: io::Result<()>) {
     }
 }
 
-fn get(relay: &Relay, peers: &mut Vec<PeerAddr>, name: &str) {
+fn get(relay: &Relay, limits: Limits, peers: &mut Vec<PeerAddr>, name: &str) {
     let name = match FileName::new(name) {
         Ok(name) => name,
         Err(e) => return eprintln!("{e}"),
@@ -101,6 +101,7 @@ fn get(relay: &Relay, peers: &mut Vec<PeerAddr>, name: &str) {
     let mut bar = Bar::new(true);
     let result = Fetcher {
         timeout: relay.timeout,
+        limits,
         note: &mut bar.printer(),
         progress: &mut bar,
     }

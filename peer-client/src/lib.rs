@@ -25,7 +25,7 @@ use protocol::FileName;
 pub use crate::failure::Failure;
 use crate::{
     discover::Relay,
-    fetch::{FetchError, Fetcher},
+    fetch::{FetchError, Fetcher, Limits},
     print::Format,
     progress::Bar,
     save::{FileSink, StdoutSink},
@@ -45,6 +45,16 @@ pub struct Args {
     /// Seconds to wait for a connection, and for each read, before giving up on a peer
     #[arg(long, env = "PEER_CLIENT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
+    /// Refuse files bigger than this many bytes (K, M, G, T suffixes)
+    #[arg(long, env = "PEER_CLIENT_MAX_SIZE", value_name = "SIZE", value_parser = netkit::cli::parse_size)]
+    max_size: Option<u64>,
+    /// Drop a peer that sends fewer bytes a second than this, on average
+    /// over --speed-time, and go on with the next holder (0: never)
+    #[arg(long, env = "PEER_CLIENT_SPEED_LIMIT", value_name = "RATE", default_value = "1K", value_parser = netkit::cli::parse_size)]
+    speed_limit: u64,
+    /// The window over which --speed-limit is judged, in seconds
+    #[arg(long, env = "PEER_CLIENT_SPEED_TIME", value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    speed_time: u64,
     /// More log output; RUST_LOG overrides
     #[arg(short, long, env = "PEER_CLIENT_VERBOSE", value_parser = FalseyValueParser::new())]
     verbose: bool,
@@ -57,7 +67,7 @@ pub struct Args {
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 not found (every live peer answered that it \
 does not have the file, or none is live), 2 usage error, 3 network error (relay or a peer \
-unreachable, busy or refusing, transfer failed: worth a retry), 4 local error (cannot write the output)";
+unreachable, busy or refusing, transfer failed: worth a retry), 4 local error (cannot write the output, file over --max-size or the free space), 130 interrupted (SIGINT), 143 terminated (SIGTERM)";
 
 #[derive(Subcommand)]
 enum Command {
@@ -120,9 +130,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
         port: args.port,
         timeout: Duration::from_secs(args.timeout),
     };
+    let limits = Limits {
+        max_size: args.max_size,
+        speed_limit: args.speed_limit,
+        speed_time: Duration::from_secs(args.speed_time),
+    };
     match args.command {
-        None => interactive::run(&relay),
-        Some(Command::Get { name, output }) => get(&relay, &name, output),
+        None => interactive::run(&relay, limits),
+        Some(Command::Get { name, output }) => get(&relay, limits, &name, output),
         Some(Command::Peers { json }) => {
             let peers = relay.peers()?;
             stdout(print::peers(&mut io::stdout(), &peers, format(json)))
@@ -159,11 +174,17 @@ fn stdout(written: io::Result<()>) -> Result<(), Failure> {
     }
 }
 
-fn get(relay: &Relay, name: &FileName, output: Option<PathBuf>) -> Result<(), Failure> {
+fn get(
+    relay: &Relay,
+    limits: Limits,
+    name: &FileName,
+    output: Option<PathBuf>,
+) -> Result<(), Failure> {
     let peers = relay.peers()?;
     let mut bar = Bar::new(output.is_none());
     let mut fetcher = Fetcher {
         timeout: relay.timeout,
+        limits,
         note: &mut bar.printer(),
         progress: &mut bar,
     };

@@ -122,6 +122,21 @@ impl Sink for StdoutSink {
     fn restart(&mut self) -> io::Result<bool> {
         Ok(false)
     }
+
+    /// Known when stdout is a regular file (`> file`).
+    fn room(&self) -> Option<u64> {
+        let stdout = io::stdout();
+        let meta = rustix::fs::fstat(&stdout).ok()?;
+        let regular =
+            rustix::fs::FileType::from_raw_mode(meta.st_mode) == rustix::fs::FileType::RegularFile;
+        regular.then(|| free_space(&stdout)).flatten()
+    }
+}
+
+/// Bytes an unprivileged writer can still put on the file system of `fd`.
+fn free_space(fd: impl std::os::fd::AsFd) -> Option<u64> {
+    let stats = rustix::fs::fstatvfs(fd).ok()?;
+    Some(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 impl Drop for StdoutSink {
@@ -279,6 +294,14 @@ impl Sink for FileSink {
         file.set_len(0)?;
         file.rewind()?;
         Ok(true)
+    }
+
+    /// The free space beside the destination; unknown for a device or FIFO.
+    fn room(&self) -> Option<u64> {
+        match &self.out {
+            Some(Out::Temp(temp)) => free_space(temp.as_file()),
+            _ => None,
+        }
     }
 }
 

@@ -487,3 +487,44 @@ fn an_interrupted_download_exits_128_plus_the_signal_and_leaves_nothing() {
         );
     }
 }
+
+#[test]
+fn a_peer_announcing_more_than_the_disk_holds_writes_nothing() {
+    let relay = Server::relay_here(|_| {});
+    let mut lie = format!("FILE {} {}\n", 1u64 << 62, blake3::hash(b"x")).into_bytes();
+    lie.extend(std::iter::repeat_n(b'x', 1 << 16));
+    liar(relay.addr, lie);
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest = dest_dir.path().join("huge.bin");
+    let out = client(
+        relay.addr,
+        &["get", "huge.bin", "-o", dest.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("bytes free where it would be saved"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read_dir(dest_dir.path()).unwrap().count(), 0);
+    // --max-size says no before the disk is asked.
+    let out = client(
+        relay.addr,
+        &[
+            "--max-size",
+            "1M",
+            "get",
+            "huge.bin",
+            "-o",
+            dest.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("over --max-size 1048576"),
+        "{}",
+        stderr(&out)
+    );
+}
