@@ -2,7 +2,7 @@
 //! file streamed by the kernel, or the folder's listing, or an error.
 
 use std::{
-    io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -20,7 +20,12 @@ use protocol::{
     ErrorCode, ErrorReply, FileName, MAX_LINE,
 };
 
-use crate::{announce::Announcer, files::Library, shutdown::Shutdown};
+use crate::{
+    announce::Announcer,
+    files::Library,
+    shutdown::Shutdown,
+    stall::{self, Outlet},
+};
 
 pub struct Config {
     pub bind: SocketAddr,
@@ -252,7 +257,7 @@ fn handle(peer: &Peer, stream: TcpStream) {
 
 /// Reads one request and answers it on `out`; returns a log summary and
 /// the outcome, or `None` if the caller closed without asking anything.
-fn respond<W: Write>(
+fn respond<W: Outlet>(
     peer: &Peer,
     input: &mut impl BufRead,
     out: &mut W,
@@ -305,7 +310,7 @@ impl Read for Deadline<'_> {
 }
 
 /// Sends the header and the file from `offset`; returns a log summary.
-fn send_file<W: Write>(
+fn send_file<W: Outlet>(
     peer: &Peer,
     out: &mut W,
     name: &FileName,
@@ -331,16 +336,16 @@ fn send_file<W: Write>(
         return Ok("refused: offset past the end".into());
     }
     let mut file = served.file;
-    file.seek(SeekFrom::Start(offset))?;
     Response::File(FileHeader {
         size: served.size,
         hash: served.hash,
     })
     .write_to(out)?;
-    // File to socket: `io::copy` lets the kernel move the bytes (sendfile on Linux).
+    // File to socket by sendfile; a slow client is given up on only once
+    // it has taken nothing for the write timeout.
     let want = served.size - offset;
     debug!("sending {want} bytes of {name:?} from {offset}");
-    let sent = io::copy(&mut file.take(want), out)
+    let sent = stall::send(&mut file, offset, want, out, peer.write_timeout)
         .map_err(|e| anyhow::anyhow!("transfer broke: {}", describe_io(&e)))?;
     if sent < want {
         anyhow::bail!("file shrank while being sent: {sent} of {want} bytes");
