@@ -8,6 +8,7 @@
 mod announce;
 mod files;
 mod serve;
+mod stall;
 
 use std::{
     io,

@@ -41,8 +41,8 @@ struct Args {
     /// Most connections served at once; more are answered `ERR busy`
     #[arg(long, env = "PEER_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_connections: u64,
-    /// Seconds a connection may take to send its request, and a write may
-    /// wait on a client that does not read
+    /// Seconds a connection may take to send its request, and a client may
+    /// go without taking any of the file it asked for
     #[arg(long, env = "PEER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
     /// Also serve and list files that have more than one hard link (off by

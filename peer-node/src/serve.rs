@@ -2,7 +2,7 @@
 //! file streamed by the kernel, or the folder's listing, or an error.
 
 use std::{
-    io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    io::{BufRead, BufReader, Write},
     net::TcpStream,
     time::{Duration, Instant},
 };
@@ -14,7 +14,10 @@ use protocol::{
     ErrorCode, ErrorReply, FileName, MAX_LINE,
 };
 
-use crate::files::Library;
+use crate::{
+    files::Library,
+    stall::{self, Outlet},
+};
 
 /// What every connection handler shares.
 pub(crate) struct Peer {
@@ -48,7 +51,7 @@ pub(crate) fn handle(peer: &Peer, stream: TcpStream) {
 
 /// Reads one request and answers it on `out`; returns a log summary and
 /// the outcome, or `None` if the caller closed without asking anything.
-fn respond<W: Write>(
+fn respond<W: Outlet>(
     peer: &Peer,
     input: &mut impl BufRead,
     out: &mut W,
@@ -74,7 +77,7 @@ fn respond<W: Write>(
 }
 
 /// Sends the header and the file from `offset`; returns a log summary.
-fn send_file<W: Write>(
+fn send_file<W: Outlet>(
     peer: &Peer,
     out: &mut W,
     name: &FileName,
@@ -100,16 +103,16 @@ fn send_file<W: Write>(
         return Ok("refused: offset past the end".into());
     }
     let mut file = served.file;
-    file.seek(SeekFrom::Start(offset))?;
     Response::File(FileHeader {
         size: served.size,
         hash: served.hash,
     })
     .write_to(out)?;
-    // File to socket: `io::copy` lets the kernel move the bytes (sendfile on Linux).
+    // File to socket by sendfile; a slow client is given up on only once
+    // it has taken nothing for the write timeout.
     let want = served.size - offset;
     debug!("sending {want} bytes of {name:?} from {offset}");
-    let sent = io::copy(&mut file.take(want), out)
+    let sent = stall::send(&mut file, offset, want, out, peer.write_timeout)
         .map_err(|e| anyhow::anyhow!("transfer broke: {}", describe_io(&e)))?;
     if sent < want {
         anyhow::bail!("file shrank while being sent: {sent} of {want} bytes");

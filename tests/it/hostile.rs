@@ -254,3 +254,37 @@ fn a_hundred_lookups_and_twenty_downloads_at_once() {
         assert!(out.stdout[1..] == content[1..], "f{n} differs");
     }
 }
+
+/// A client that reads steadily but slowly (100 KB/s, with a small
+/// receive buffer) is not cut off although single writes to it block for
+/// longer than the peer's `--timeout`: the peer gives up only on a client
+/// that stops reading.
+#[test]
+fn a_slow_but_steady_reader_is_not_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    // More than the send buffer that loopback autotunes to, so that the
+    // peer's writes block.
+    let content: Vec<u8> = (0..(6u32 << 20)).map(|i| (i % 251) as u8).collect();
+    fs::write(dir.path().join("big.bin"), &content).unwrap();
+    let relay = Server::relay(&[]);
+    let peer = Server::peer(relay.addr, dir.path(), &["--timeout", "2"]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&peer.addr.into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    stream.write_all(b"RP2P/1 GET big.bin\n").unwrap();
+    // Three times the timeout at 20 KB every 200 ms.
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut got = 0;
+    let mut buf = [0; 20 << 10];
+    while Instant::now() < until {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {got} bytes");
+        got += n;
+        thread::sleep(Duration::from_millis(200));
+    }
+    let log = peer.log();
+    assert!(!log.contains("transfer broke"), "{log}");
+    assert!(got > 100 << 10, "{got}");
+}
