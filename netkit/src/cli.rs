@@ -7,6 +7,8 @@ use std::{
     net::SocketAddr,
 };
 
+use crate::server::Running;
+
 use clap::{FromArgMatches, Parser};
 
 /// The `--completions` and `--man` options; flatten into a binary's arguments.
@@ -86,6 +88,29 @@ pub fn print_address(addr: SocketAddr) -> io::Result<()> {
     let mut out = io::stdout().lock();
     writeln!(out, "{addr}")?;
     out.flush()
+}
+
+/// What a server's `main` does once it is bound: prints the address, makes
+/// Ctrl-C and SIGTERM stop it gracefully, and serves until then.
+pub fn serve_until_signal(server: impl Running + Send) -> Result<(), String> {
+    print_address(server.local_addr()).map_err(|e| format!("cannot write to stdout: {e}"))?;
+    let shutdown = server.shutdown();
+    ctrlc::set_handler(move || shutdown.trigger())
+        .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    server.wait();
+    Ok(())
+}
+
+/// A binary's exit: 0, or the error on one line of stderr (`name: error`)
+/// and exit code 1.
+pub fn exit(name: &str, result: Result<(), impl std::fmt::Display>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// A size or a rate in bytes: a whole number, plain or with a K, M, G or

@@ -47,6 +47,75 @@ impl Default for Limits {
     }
 }
 
+/// A running server built on [`Server`]: the relay and the peer. Gives
+/// both the same handle: where it listens, its stop signal, and a graceful
+/// stop.
+pub trait Running: Sized {
+    /// The server underneath.
+    fn server(&self) -> &Server;
+
+    /// Stops gracefully: stops accepting, finishes what is in flight (each
+    /// server says how long it waits), ends its threads.
+    fn stop(self);
+
+    /// The address it listens on.
+    fn local_addr(&self) -> SocketAddr {
+        self.server().local_addr()
+    }
+
+    /// Its stop signal: trigger it (from a signal handler, say) to make
+    /// [`Running::wait`] return.
+    fn shutdown(&self) -> Arc<Shutdown> {
+        Arc::clone(self.server().shutdown())
+    }
+
+    /// Serves until the stop signal, then stops gracefully.
+    fn wait(self) {
+        self.server().shutdown().wait();
+        self.stop();
+    }
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The address could not be bound (in use, not ours, no permission).
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// What the system said.
+        source: io::Error,
+    },
+}
+
+/// Binds `addr` with `backlog`; returns the listener and the address it got.
+pub fn bind(addr: SocketAddr, backlog: i32) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Bind { addr, source };
+    let listener = listen(addr, backlog).map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
+}
+
+/// Starts a named thread of a server (`what` names it in errors).
+pub fn spawn_thread<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, StartError> {
+    thread::Builder::new()
+        .name(what.into())
+        .spawn(f)
+        .map_err(|source| StartError::Thread { what, source })
+}
+
 /// `TcpListener::bind` with a chosen accept queue.
 pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -128,13 +197,16 @@ impl Server {
         shutdown: Arc<Shutdown>,
         pool: Arc<Connections>,
         handler: Arc<Handler>,
-    ) -> io::Result<Server> {
-        let local_addr = listener.local_addr()?;
+    ) -> Result<Server, StartError> {
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: ([0, 0, 0, 0], 0).into(),
+            source,
+        })?;
         let accept = {
             let (pool, shutdown) = (Arc::clone(&pool), Arc::clone(&shutdown));
-            thread::Builder::new()
-                .name("accept".into())
-                .spawn(move || accept_loop(listener, &limits, &shutdown, &pool, handler))?
+            spawn_thread("accept", move || {
+                accept_loop(listener, &limits, &shutdown, &pool, handler)
+            })?
         };
         Ok(Server {
             local_addr,

@@ -14,7 +14,6 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use anyhow::Context;
 use log::{debug, info, warn};
 use protocol::{
     peer::{FileEntry, MAX_FILES},
@@ -221,19 +220,33 @@ struct Slot {
     changing: bool,
 }
 
+/// The folder given cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use folder {}: {source}", .path.display())]
+pub struct FolderError {
+    /// The folder as given.
+    pub path: PathBuf,
+    /// What the system said.
+    #[source]
+    pub source: io::Error,
+}
+
 impl Library {
     #[cfg(test)]
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path) -> Result<Self, FolderError> {
         Library::open_with(dir, Options::default())
     }
 
-    pub fn open_with(dir: &Path, options: Options) -> anyhow::Result<Self> {
-        let root = fs::canonicalize(dir)
-            .with_context(|| format!("cannot use folder {}", dir.display()))?;
+    pub fn open_with(dir: &Path, options: Options) -> Result<Self, FolderError> {
+        let failed = |source| FolderError {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let root = fs::canonicalize(dir).map_err(failed)?;
         if !root.is_dir() {
-            anyhow::bail!("cannot use folder {}: not a directory", dir.display());
+            return Err(failed(io::ErrorKind::NotADirectory.into()));
         }
-        let confine = Confine::best(&root)?;
+        let confine = Confine::best(&root).map_err(failed)?;
         Ok(Library {
             root,
             confine,
@@ -605,13 +618,12 @@ struct Walk {
 
 impl Confine {
     /// openat2 where the kernel has it; path checks where not.
-    fn best(root: &Path) -> anyhow::Result<Self> {
+    fn best(root: &Path) -> io::Result<Self> {
         #[cfg(target_os = "linux")]
         {
             use rustix::fs::{open, openat2, Mode, OFlags, ResolveFlags};
             let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-            let dir = open(root, flags, Mode::empty())
-                .with_context(|| format!("cannot open folder {}", root.display()))?;
+            let dir = open(root, flags, Mode::empty())?;
             let beneath = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
             match openat2(&dir, ".", flags, Mode::empty(), beneath) {
                 Ok(_) => return Ok(Confine::Beneath(dir)),

@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub use netkit::server::Running;
+
 mod announce;
 mod files;
 mod serve;
@@ -21,7 +23,7 @@ use std::{
 
 use log::{info, warn};
 use netkit::{
-    server::{listen, Connections, Limits, Server},
+    server::{spawn_thread, Connections, Limits, Server},
     Shutdown,
 };
 
@@ -72,8 +74,8 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The folder cannot be served.
-    #[error("{0}")]
-    Folder(String),
+    #[error(transparent)]
+    Folder(#[from] files::FolderError),
     /// The relay's name does not resolve (a relay that is only down is
     /// waited for: the peer serves meanwhile and keeps retrying).
     #[error("cannot resolve relay {relay}: {source}")]
@@ -83,26 +85,13 @@ pub enum StartError {
         /// What the resolver said.
         source: io::Error,
     },
-    /// The address could not be bound.
-    #[error("cannot bind {addr}: {source}")]
-    Bind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// What the system said.
-        source: io::Error,
-    },
-    /// A thread could not be started.
-    #[error("cannot start the {what} thread: {source}")]
-    Thread {
-        /// Which thread.
-        what: &'static str,
-        /// What the system said.
-        source: io::Error,
-    },
+    /// The listener or a thread could not be started.
+    #[error(transparent)]
+    Server(#[from] netkit::server::StartError),
 }
 
-/// A running peer. Dropping it stops it at once; [`Node::stop`] and
-/// [`Node::wait`] unregister and let transfers finish first.
+/// A running peer. Dropping it stops it at once; [`Running::stop`] and
+/// [`Running::wait`] unregister and let transfers finish first.
 pub struct Node {
     server: Server,
     announcer: Arc<announce::Announcer>,
@@ -117,8 +106,7 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
     let options = files::Options {
         allow_hardlinks: config.allow_hardlinks,
     };
-    let library = files::Library::open_with(&config.dir, options)
-        .map_err(|e| StartError::Folder(format!("{e:#}")))?;
+    let library = files::Library::open_with(&config.dir, options)?;
     // Fail fast on a relay name that does not exist.
     config
         .relay
@@ -131,15 +119,9 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         max_connections: config.max_connections,
         ..Limits::default()
     };
-    let bind_error = |source| StartError::Bind {
-        addr: config.bind,
-        source,
-    };
-    let listener = listen(config.bind, limits.backlog).map_err(bind_error)?;
-    let local = listener.local_addr().map_err(bind_error)?;
+    let (listener, local) = netkit::server::bind(config.bind, limits.backlog)?;
     info!("serving {} on {local}", library.root().display());
     let shutdown = Arc::new(Shutdown::new(local));
-    let thread_error = |what| move |source| StartError::Thread { what, source };
 
     let peer = Arc::new(serve::Peer {
         library,
@@ -150,10 +132,9 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         // Hash what is already there, so that the first request for a big
         // file does not keep its client waiting (and timing out) for it.
         let (peer, shutdown) = (Arc::clone(&peer), Arc::clone(&shutdown));
-        thread::Builder::new()
-            .name("warm-up".into())
-            .spawn(move || peer.library.warm_up(&|| shutdown.is_triggered()))
-            .map_err(thread_error("hashing"))?
+        spawn_thread("warm-up", move || {
+            peer.library.warm_up(&|| shutdown.is_triggered())
+        })?
     };
     let handler = Arc::new(move |stream| serve::handle(&peer, stream));
     let server = Server::spawn(
@@ -162,8 +143,7 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         Arc::clone(&shutdown),
         Arc::new(Connections::default()),
         handler,
-    )
-    .map_err(thread_error("accept"))?;
+    )?;
     // Registered only once the peer serves, so that no client is sent to
     // a peer that is not listening yet.
     let announcer = Arc::new(announce::Announcer {
@@ -176,10 +156,7 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
     });
     let heartbeat = {
         let (announcer, shutdown) = (Arc::clone(&announcer), Arc::clone(&shutdown));
-        thread::Builder::new()
-            .name("heartbeat".into())
-            .spawn(move || announcer.run(&shutdown))
-            .map_err(thread_error("heartbeat"))?
+        spawn_thread("heartbeat", move || announcer.run(&shutdown))?
     };
     Ok(Node {
         server,
@@ -190,28 +167,15 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
     })
 }
 
-impl Node {
-    /// The address the peer serves on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
-    }
-
-    /// The peer's stop signal: trigger it (from a signal handler, say) to
-    /// make [`Node::wait`] return.
-    pub fn shutdown(&self) -> Arc<Shutdown> {
-        Arc::clone(self.server.shutdown())
-    }
-
-    /// Serves until the stop signal, then stops gracefully.
-    pub fn wait(self) {
-        self.server.shutdown().wait();
-        self.stop();
+impl Running for Node {
+    fn server(&self) -> &Server {
+        &self.server
     }
 
     /// Stops accepting (new connections are refused), unregisters from the
     /// relay (waiting at most 2 s for it), lets transfers in flight finish
     /// (up to the grace period) and ends the peer's threads.
-    pub fn stop(mut self) {
+    fn stop(mut self) {
         info!("shutting down");
         let left = self.end(self.grace);
         if left > 0 {
@@ -219,7 +183,9 @@ impl Node {
         }
         info!("stopped");
     }
+}
 
+impl Node {
     fn end(&mut self, grace: Duration) -> usize {
         self.server.stop_accepting();
         self.announcer.settle(announce::UNREGISTER_TIMEOUT);

@@ -63,13 +63,7 @@ struct Args {
 fn main() -> ExitCode {
     let args: Args = cli::parse(1);
     cli::init_logging(args.verbose, args.quiet, log::LevelFilter::Info);
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("peer-node: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit("peer-node", run(args))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -85,11 +79,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         grace: Duration::from_secs(5),
         allow_hardlinks: args.allow_hardlinks,
     })?;
-    cli::print_address(node.local_addr()).context("cannot write to stdout")?;
-    let shutdown = node.shutdown();
-    ctrlc::set_handler(move || shutdown.trigger()).context("cannot install the signal handler")?;
-    node.wait();
-    Ok(())
+    cli::serve_until_signal(node).map_err(anyhow::Error::msg)
 }
 
 /// `--advertise` takes an IP address or a host name, sent to the relay as an IP.

@@ -2,7 +2,7 @@
 //! file streamed by the kernel, or the folder's listing, or an error.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Write},
     net::TcpStream,
     time::{Duration, Instant},
 };
@@ -49,13 +49,24 @@ pub(crate) fn handle(peer: &Peer, stream: TcpStream) {
     }
 }
 
+/// Why a reply could not be given in full.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    #[error("reply not delivered: {}", describe_io(.0))]
+    Reply(#[from] io::Error),
+    #[error("transfer broke: {}", describe_io(.0))]
+    Broke(#[source] io::Error),
+    #[error("file shrank while being sent: {sent} of {want} bytes")]
+    Shrank { sent: u64, want: u64 },
+}
+
 /// Reads one request and answers it on `out`; returns a log summary and
 /// the outcome, or `None` if the caller closed without asking anything.
 fn respond<W: Outlet>(
     peer: &Peer,
     input: &mut impl BufRead,
     out: &mut W,
-) -> Option<(String, anyhow::Result<String>)> {
+) -> Option<(String, Result<String, SendError>)> {
     let request = match Request::read_from(input) {
         Ok(Some(request)) => request,
         Ok(None) => return None,
@@ -82,7 +93,7 @@ fn send_file<W: Outlet>(
     out: &mut W,
     name: &FileName,
     offset: u64,
-) -> anyhow::Result<String> {
+) -> Result<String, SendError> {
     let served = match peer.library.open_file(name) {
         Ok(served) => served,
         Err(refusal) => {
@@ -112,15 +123,15 @@ fn send_file<W: Outlet>(
     // it has taken nothing for the write timeout.
     let want = served.size - offset;
     debug!("sending {want} bytes of {name:?} from {offset}");
-    let sent = stall::send(&mut file, offset, want, out, peer.write_timeout)
-        .map_err(|e| anyhow::anyhow!("transfer broke: {}", describe_io(&e)))?;
+    let sent =
+        stall::send(&mut file, offset, want, out, peer.write_timeout).map_err(SendError::Broke)?;
     if sent < want {
-        anyhow::bail!("file shrank while being sent: {sent} of {want} bytes");
+        return Err(SendError::Shrank { sent, want });
     }
     Ok(format!("sent {sent} bytes"))
 }
 
-fn send_list<W: Write>(peer: &Peer, out: &mut W) -> anyhow::Result<String> {
+fn send_list<W: Write>(peer: &Peer, out: &mut W) -> Result<String, SendError> {
     let response = match peer.library.list(MAX_FILES) {
         Ok(listing) => Response::Files {
             entries: listing.entries,

@@ -5,20 +5,16 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub use netkit::server::{Running, StartError};
+
 mod registry;
 mod serve;
 
-use std::{
-    io,
-    net::SocketAddr,
-    sync::Arc,
-    thread::{self, JoinHandle},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, thread::JoinHandle, time::Duration};
 
 use log::info;
 use netkit::{
-    server::{listen, Connections, Limits, Server},
+    server::{spawn_thread, Connections, Limits, Server},
     Shutdown,
 };
 
@@ -56,29 +52,8 @@ impl Default for Config {
     }
 }
 
-/// Why a relay could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The address could not be bound (in use, not ours, no permission).
-    #[error("cannot bind {addr}: {source}")]
-    Bind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// What the system said.
-        source: io::Error,
-    },
-    /// A thread could not be started.
-    #[error("cannot start the {what} thread: {source}")]
-    Thread {
-        /// Which thread.
-        what: &'static str,
-        /// What the system said.
-        source: io::Error,
-    },
-}
-
-/// A running relay. Dropping it stops it at once; [`Relay::stop`] and
-/// [`Relay::wait`] let replies in flight finish first.
+/// A running relay. Dropping it stops it at once; [`Running::stop`] and
+/// [`Running::wait`] let replies in flight finish first.
 pub struct Relay {
     server: Server,
     sweeper: Option<JoinHandle<()>>,
@@ -91,35 +66,16 @@ pub fn bind(config: Config) -> Result<Relay, StartError> {
         max_connections: config.max_connections,
         ..Limits::default()
     };
-    let listener = listen(config.bind, limits.backlog).map_err(|source| StartError::Bind {
-        addr: config.bind,
-        source,
-    })?;
-    let local = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.bind,
-        source,
-    })?;
+    let (listener, local) = netkit::server::bind(config.bind, limits.backlog)?;
     let shutdown = Arc::new(Shutdown::new(local));
     let connections = Arc::new(Connections::default());
     let state = Arc::new(serve::State::new(&config, Arc::clone(&connections)));
     let sweeper = {
         let (state, shutdown) = (Arc::clone(&state), Arc::clone(&shutdown));
-        thread::Builder::new()
-            .name("sweeper".into())
-            .spawn(move || state.sweep(&shutdown))
-            .map_err(|source| StartError::Thread {
-                what: "expiry",
-                source,
-            })?
+        spawn_thread("sweeper", move || state.sweep(&shutdown))?
     };
     let handler = Arc::new(move |stream| state.handle(stream));
-    let server =
-        Server::spawn(listener, limits, shutdown, connections, handler).map_err(|source| {
-            StartError::Thread {
-                what: "accept",
-                source,
-            }
-        })?;
+    let server = Server::spawn(listener, limits, shutdown, connections, handler)?;
     info!("relay listening on {local} (ttl {}s)", config.ttl.as_secs());
     Ok(Relay {
         server,
@@ -128,32 +84,21 @@ pub fn bind(config: Config) -> Result<Relay, StartError> {
     })
 }
 
-impl Relay {
-    /// The address the relay listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
-    }
-
-    /// The relay's stop signal: trigger it (from a signal handler, say) to
-    /// make [`Relay::wait`] return.
-    pub fn shutdown(&self) -> Arc<Shutdown> {
-        Arc::clone(self.server.shutdown())
-    }
-
-    /// Serves until the stop signal, then stops gracefully.
-    pub fn wait(self) {
-        self.server.shutdown().wait();
-        self.stop();
+impl Running for Relay {
+    fn server(&self) -> &Server {
+        &self.server
     }
 
     /// Stops accepting, lets replies in flight finish (up to the grace
     /// period) and ends every thread of the relay.
-    pub fn stop(mut self) {
+    fn stop(mut self) {
         info!("shutting down");
         self.end(self.grace);
         info!("stopped");
     }
+}
 
+impl Relay {
     fn end(&mut self, grace: Duration) {
         self.server.stop(grace);
         if let Some(sweeper) = self.sweeper.take() {

@@ -3,7 +3,6 @@
 
 use std::{net::IpAddr, net::SocketAddr, process::ExitCode, time::Duration};
 
-use anyhow::Context;
 use clap::{builder::FalseyValueParser, Parser};
 use netkit::cli;
 
@@ -46,13 +45,7 @@ struct Args {
 fn main() -> ExitCode {
     let args: Args = cli::parse(1);
     cli::init_logging(args.verbose, args.quiet, log::LevelFilter::Info);
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("relay-server: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit("relay-server", run(args))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -65,9 +58,5 @@ fn run(args: Args) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         grace: Duration::from_secs(5),
     })?;
-    cli::print_address(relay.local_addr()).context("cannot write to stdout")?;
-    let shutdown = relay.shutdown();
-    ctrlc::set_handler(move || shutdown.trigger()).context("cannot install the signal handler")?;
-    relay.wait();
-    Ok(())
+    cli::serve_until_signal(relay).map_err(anyhow::Error::msg)
 }

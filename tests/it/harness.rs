@@ -13,6 +13,7 @@ use std::{
 };
 
 use protocol::{relay, PeerAddr};
+use relay_server::Running;
 
 /// How long any one step may take before the test fails instead of hanging.
 pub const STEP: Duration = Duration::from_secs(20);
