@@ -54,42 +54,50 @@ impl FileName {
 
     /// The name as one wire token: `%`, space and control bytes become `%XX`.
     pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(self.0.len());
-        for c in self.0.chars() {
-            if c == '%' || c == ' ' || c.is_ascii_control() {
-                out.push_str(&format!("%{:02X}", c as u32));
-            } else {
-                out.push(c);
-            }
-        }
-        out
+        percent_encode(&self.0)
     }
 
     /// Parses a wire token: undoes `%XX` escapes, then checks the name.
     /// Escapes cannot smuggle anything past the check (`%2e%2e/x` is `../x`).
     pub fn decode(token: &str) -> Result<Self, ProtocolError> {
-        let bytes = token.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' {
-                let byte = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|hex| std::str::from_utf8(hex).ok())
-                    .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
-                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                    .ok_or_else(|| ProtocolError::invalid("escape in file name", token))?;
-                out.push(byte);
-                i += 3;
-            } else {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-        let name = String::from_utf8(out)
-            .map_err(|_| ProtocolError::invalid("UTF-8 in file name", token))?;
-        FileName::new(&name)
+        FileName::new(&percent_decode(token, "escape in file name")?)
     }
+}
+
+/// One wire token from any text: `%`, space and control bytes become `%XX`.
+pub(crate) fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == '%' || c == ' ' || c.is_ascii_control() {
+            out.push_str(&format!("%{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Undoes `percent_encode`; `what` names the value in errors.
+pub(crate) fn percent_decode(token: &str, what: &'static str) -> Result<String, ProtocolError> {
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let byte = bytes
+                .get(i + 1..i + 3)
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| ProtocolError::invalid(what, token))?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ProtocolError::invalid(what, token))
 }
 
 impl FromStr for FileName {

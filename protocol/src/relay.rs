@@ -1,5 +1,6 @@
-//! The conversation between the relay and its callers: peers register and
-//! unregister, clients ask for the live peers and for the relay's counters.
+//! The conversation between the relay and its callers: peers register,
+//! announce what they hold and unregister; clients ask who is live, who
+//! holds a file, what the network holds, and for the relay's counters.
 
 use std::{
     io::{self, BufRead, Write},
@@ -7,8 +8,10 @@ use std::{
 };
 
 use crate::{
-    error::is_token, parse_num, read_items, read_line, read_reply_line, split_request, write_whole,
-    ErrorReply, PeerAddr, ProtocolError, MAX_LINE, VERSION,
+    error::is_token,
+    index::{parse_hash, read_lines, Holder, ListDigest, Listed, Pattern},
+    parse_num, read_items, read_line, read_reply_line, split_request, write_whole, ContentHash,
+    ErrorReply, FileName, PeerAddr, ProtocolError, MAX_LINE, VERSION,
 };
 
 /// The most peers a `PEERS` reply may carry; relays sample down to this.
@@ -27,6 +30,31 @@ pub enum Request {
     Peers,
     /// "How are you doing?"
     Stats,
+    /// A heartbeat that also says which list of files the peer holds, by
+    /// its digest. Registers like `Register`.
+    Announce {
+        port: u16,
+        digest: ListDigest,
+        host: Option<IpAddr>,
+    },
+    /// "Here is my list of files": the header of an `OFFER`, whose body
+    /// ([`crate::index::write_offer_body`]) follows on the same connection.
+    /// Registers like `Register`.
+    Offer {
+        port: u16,
+        digest: ListDigest,
+        host: Option<IpAddr>,
+    },
+    /// "Who holds a file of this name?"
+    Who { name: FileName },
+    /// "Who holds this content, under any name?"
+    WhoHas { hash: ContentHash },
+    /// "What does the network hold?": names matching `pattern`, in name
+    /// order, from after `after`.
+    Ls {
+        pattern: Pattern,
+        after: Option<FileName>,
+    },
 }
 
 impl Request {
@@ -50,6 +78,32 @@ impl Request {
             }
             "PEERS" => Request::Peers,
             "STATS" => Request::Stats,
+            "ANNOUNCE" | "OFFER" => {
+                let port: u16 = parse_num("port", args.required("port")?)?;
+                if port == 0 {
+                    return Err(ProtocolError::invalid("port", "0"));
+                }
+                let digest = args.required("digest")?.parse()?;
+                let host = args
+                    .optional()
+                    .map(|h| h.parse().map_err(|_| ProtocolError::invalid("host", h)))
+                    .transpose()?;
+                if verb.eq_ignore_ascii_case("ANNOUNCE") {
+                    Request::Announce { port, digest, host }
+                } else {
+                    Request::Offer { port, digest, host }
+                }
+            }
+            "WHO" => Request::Who {
+                name: FileName::decode(args.required("name")?)?,
+            },
+            "WHOHAS" => Request::WhoHas {
+                hash: parse_hash(args.required("hash")?)?,
+            },
+            "LS" => Request::Ls {
+                pattern: Pattern::decode(args.required("pattern")?)?,
+                after: args.optional().map(FileName::decode).transpose()?,
+            },
             _ => return Err(ProtocolError::UnknownCommand(verb.to_string())),
         };
         args.finish()?;
@@ -85,6 +139,23 @@ impl Request {
             }
             Request::Peers => writeln!(w, "{VERSION} PEERS"),
             Request::Stats => writeln!(w, "{VERSION} STATS"),
+            Request::Announce { port, digest, host } | Request::Offer { port, digest, host } => {
+                let verb = if matches!(self, Request::Announce { .. }) {
+                    "ANNOUNCE"
+                } else {
+                    "OFFER"
+                };
+                match host {
+                    Some(host) => writeln!(w, "{VERSION} {verb} {port} {digest} {host}"),
+                    None => writeln!(w, "{VERSION} {verb} {port} {digest}"),
+                }
+            }
+            Request::Who { name } => writeln!(w, "{VERSION} WHO {}", name.encode()),
+            Request::WhoHas { hash } => writeln!(w, "{VERSION} WHOHAS {hash}"),
+            Request::Ls { pattern, after } => match after {
+                Some(after) => writeln!(w, "{VERSION} LS {} {}", pattern.encode(), after.encode()),
+                None => writeln!(w, "{VERSION} LS {}", pattern.encode()),
+            },
         }
     }
 }
@@ -99,6 +170,20 @@ pub enum Response {
     Peers(Vec<PeerAddr>),
     /// Named counters, in the relay's order.
     Stats(Vec<(String, u64)>),
+    /// Registered, but the relay does not hold the list with the digest
+    /// announced: send it with `OFFER`, at most `max_files` of it.
+    SendList { ttl_secs: u64, max_files: usize },
+    /// The list offered is indexed.
+    Indexed { files: usize },
+    /// Holders of a name or of content: a random sample of each version's
+    /// live holders, most held versions first.
+    Holders(Vec<Holder>),
+    /// A page of the network-wide listing; `next` is where the next page
+    /// starts (pass it as `after`), `None` after the last page.
+    Listing {
+        entries: Vec<Listed>,
+        next: Option<FileName>,
+    },
     Error(ErrorReply),
 }
 
@@ -113,6 +198,36 @@ impl Response {
             "UNREGISTERED" if rest.is_empty() => Response::Unregistered,
             "PEERS" => Response::Peers(read_items(r, rest, MAX_PEERS, str::parse)?),
             "STATS" => Response::Stats(read_items(r, rest, MAX_STATS, parse_stat)?),
+            "SEND-LIST" => {
+                let (ttl, max) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| ProtocolError::invalid("SEND-LIST", rest))?;
+                Response::SendList {
+                    ttl_secs: parse_num("ttl", ttl)?,
+                    max_files: parse_num("max files", max)?,
+                }
+            }
+            "INDEXED" => Response::Indexed {
+                files: parse_num("count", rest)?,
+            },
+            "HOLDERS" => {
+                let count = parse_num("count", rest)?;
+                Response::Holders(read_lines(r, count, Holder::parse)?)
+            }
+            "LISTING" => {
+                let (count, next) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| ProtocolError::invalid("LISTING", rest))?;
+                let next = match next {
+                    "-" => None,
+                    token => Some(FileName::decode(token)?),
+                };
+                let count = parse_num("count", count)?;
+                Response::Listing {
+                    entries: read_lines(r, count, Listed::parse)?,
+                    next,
+                }
+            }
             "ERR" => Response::Error(ErrorReply::parse(rest)?),
             _ => return Err(ProtocolError::UnexpectedReply(line)),
         })
@@ -142,6 +257,20 @@ impl Response {
                 }
                 Ok(())
             }
+            Response::SendList {
+                ttl_secs,
+                max_files,
+            } => writeln!(w, "SEND-LIST {ttl_secs} {max_files}"),
+            Response::Indexed { files } => writeln!(w, "INDEXED {files}"),
+            Response::Holders(holders) => {
+                writeln!(w, "HOLDERS {}", holders.len())?;
+                holders.iter().try_for_each(|h| h.encode(w))
+            }
+            Response::Listing { entries, next } => {
+                let next = next.as_ref().map_or("-".to_string(), FileName::encode);
+                writeln!(w, "LISTING {} {next}", entries.len())?;
+                entries.iter().try_for_each(|e| e.encode(w))
+            }
             Response::Error(e) => e.encode(w),
         }
     }
@@ -166,7 +295,7 @@ fn parse_stat(line: &str) -> Result<(String, u64), ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorCode;
+    use crate::{index::Listed, ErrorCode};
     use proptest::prelude::*;
     use std::io::Cursor;
 
@@ -206,8 +335,64 @@ mod tests {
             },
             Request::Peers,
             Request::Stats,
+            Request::Announce {
+                port: 7000,
+                digest: ListDigest::of(&[]),
+                host: None,
+            },
+            Request::Offer {
+                port: 7000,
+                digest: ListDigest::of(&[]),
+                host: Some("10.0.0.1".parse().unwrap()),
+            },
+            Request::Who {
+                name: FileName::new("a b%/c.txt").unwrap(),
+            },
+            Request::WhoHas {
+                hash: blake3::hash(b"x"),
+            },
+            Request::Ls {
+                pattern: Pattern::new("docs/** *.txt").unwrap(),
+                after: None,
+            },
+            Request::Ls {
+                pattern: Pattern::new("*").unwrap(),
+                after: Some(FileName::new("m n").unwrap()),
+            },
         ] {
             assert_eq!(round_trip_request(&req), req);
+        }
+    }
+
+    #[test]
+    fn index_requests_typed_by_hand_parse() {
+        let digest = "00112233445566778899aabbccddeeff";
+        assert_eq!(
+            Request::parse(&format!("RP2P/1 announce 7000 {digest}")).unwrap(),
+            Request::Announce {
+                port: 7000,
+                digest: digest.parse().unwrap(),
+                host: None
+            }
+        );
+        assert_eq!(
+            Request::parse("RP2P/1 WHO notes%20v2.txt").unwrap(),
+            Request::Who {
+                name: FileName::new("notes v2.txt").unwrap()
+            }
+        );
+        for bad in [
+            "RP2P/1 WHO",
+            "RP2P/1 WHO ../x",
+            "RP2P/1 WHOHAS abc",
+            "RP2P/1 LS",
+            "RP2P/1 LS * ../x",
+            "RP2P/1 LS * a b",
+            "RP2P/1 ANNOUNCE 7000",
+            "RP2P/1 ANNOUNCE 7000 xyz",
+            "RP2P/1 OFFER 0 00112233445566778899aabbccddeeff",
+        ] {
+            assert!(Request::parse(bad).is_err(), "{bad}");
         }
     }
 
@@ -277,6 +462,32 @@ mod tests {
             Response::Stats(vec![("peers_live".into(), 3), ("uptime_secs".into(), 0)]),
             Response::Error(ErrorReply::new(ErrorCode::Busy, "too many connections")),
             Response::Error(ErrorReply::new(ErrorCode::NotFound, "")),
+            Response::SendList {
+                ttl_secs: 90,
+                max_files: 10_000,
+            },
+            Response::Indexed { files: 3 },
+            Response::Holders(vec![]),
+            Response::Holders(vec![Holder {
+                addr: "127.0.0.1:7000".parse().unwrap(),
+                name: FileName::new("a b.txt").unwrap(),
+                size: 3,
+                hash: blake3::hash(b"abc"),
+                holders: 12,
+            }]),
+            Response::Listing {
+                entries: vec![],
+                next: None,
+            },
+            Response::Listing {
+                entries: vec![Listed {
+                    name: FileName::new("z%.txt").unwrap(),
+                    size: 0,
+                    hash: blake3::hash(b""),
+                    holders: 1,
+                }],
+                next: Some(FileName::new("z%.txt").unwrap()),
+            },
         ] {
             assert_eq!(round_trip_response(&resp), resp);
         }
@@ -309,7 +520,23 @@ mod tests {
         }
 
         #[test]
-        fn request_parser_never_panics_on_near_misses(line in "RP2P/1 (REGISTER|UNREGISTER|PEERS|STATS)( [0-9a-f:.]{0,12}){0,3}") {
+        fn holders_round_trip(entries in proptest::collection::vec(("[a-z %]{1,10}", any::<u64>(), any::<[u8; 32]>(), any::<u64>(), 1u16..), 0..30)) {
+            let holders: Vec<Holder> = entries
+                .into_iter()
+                .map(|(name, size, hash, holders, port)| Holder {
+                    addr: PeerAddr::new([127, 0, 0, 1].into(), port).unwrap(),
+                    name: FileName::new(&name).unwrap(),
+                    size,
+                    hash: hash.into(),
+                    holders,
+                })
+                .collect();
+            let resp = Response::Holders(holders);
+            prop_assert_eq!(round_trip_response(&resp), resp);
+        }
+
+        #[test]
+        fn request_parser_never_panics_on_near_misses(line in "RP2P/1 (REGISTER|UNREGISTER|PEERS|STATS|ANNOUNCE|OFFER|WHO|WHOHAS|LS)( [0-9a-f:.*%]{0,32}){0,3}") {
             let _ = Request::parse(&line);
         }
 
