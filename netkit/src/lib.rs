@@ -23,5 +23,5 @@ pub mod server;
 mod shutdown;
 
 pub use io_text::{describe_io, is_timeout};
-pub use net::{close_gently, Deadline};
+pub use net::{close_gently, Clock, Deadline};
 pub use shutdown::Shutdown;

@@ -4,6 +4,7 @@ use std::{
     borrow::Borrow,
     io::{self, Read},
     net::TcpStream,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -13,18 +14,37 @@ use std::{
 /// arrived before. Without a deadline it applies only the per-read timeout.
 pub struct Deadline<S> {
     stream: S,
-    until: Option<Instant>,
+    until: Clock,
     per_read: Option<Duration>,
     /// The read timeout last set on the socket, to skip needless syscalls.
     set: Option<Duration>,
 }
 
+/// The deadline of a [`Deadline`] reader, which whoever holds a clone can
+/// move while the reader is borrowed elsewhere (by a parser reading a
+/// long message in parts, say).
+#[derive(Clone, Debug, Default)]
+pub struct Clock(Arc<Mutex<Option<Instant>>>);
+
+impl Clock {
+    /// Sets (or, with `None`, lifts) the deadline.
+    pub fn set(&self, until: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = until;
+    }
+
+    fn get(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl<S: Borrow<TcpStream>> Deadline<S> {
     /// A reader that fails once `limit` has passed from now.
     pub fn after(stream: S, limit: Duration) -> Self {
+        let until = Clock::default();
+        until.set(Some(Instant::now() + limit));
         Deadline {
             stream,
-            until: Some(Instant::now() + limit),
+            until,
             per_read: None,
             set: None,
         }
@@ -32,7 +52,12 @@ impl<S: Borrow<TcpStream>> Deadline<S> {
 
     /// Sets (or, with `None`, lifts) the deadline over everything read from now on.
     pub fn set_deadline(&mut self, until: Option<Instant>) {
-        self.until = until;
+        self.until.set(until);
+    }
+
+    /// A handle on the deadline, to move it from outside.
+    pub fn clock(&self) -> Clock {
+        self.until.clone()
     }
 
     /// Sets the longest any one read may wait (`None`: only the deadline counts).
@@ -48,7 +73,7 @@ impl<S: Borrow<TcpStream>> Deadline<S> {
 
 impl<S: Borrow<TcpStream>> Read for Deadline<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = match self.until {
+        let left = match self.until.get() {
             Some(until) => {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {

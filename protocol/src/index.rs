@@ -282,8 +282,7 @@ pub struct Pattern(String);
 impl Pattern {
     /// A pattern of at most [`MAX_PATTERN_LEN`] bytes without control characters.
     pub fn new(glob: &str) -> Result<Self, ProtocolError> {
-        if glob.is_empty() || glob.len() > MAX_PATTERN_LEN || glob.chars().any(char::is_control)
-        {
+        if glob.is_empty() || glob.len() > MAX_PATTERN_LEN || glob.chars().any(char::is_control) {
             return Err(ProtocolError::invalid("pattern", glob));
         }
         Ok(Pattern(glob.to_string()))
@@ -361,11 +360,13 @@ mod tests {
         assert_eq!(text.matches("BATCH ").count(), 3);
         assert!(text.ends_with("END\n"));
         let mut batches = 0;
-        let back =
-            read_offer_body(&mut Cursor::new(&body), 10_000, ListDigest::of(&files), &mut || {
-                batches += 1
-            })
-            .unwrap();
+        let back = read_offer_body(
+            &mut Cursor::new(&body),
+            10_000,
+            ListDigest::of(&files),
+            &mut || batches += 1,
+        )
+        .unwrap();
         assert_eq!(back, files);
         assert_eq!(batches, 4, "three batches, then END");
         assert_eq!(read(b"END\n", 10, ListDigest::of(&[])).unwrap(), vec![]);
@@ -377,7 +378,12 @@ mod tests {
         let b = holding("b", b"b");
         let digest = ListDigest::of(&[a.clone(), b.clone()]);
         // Wrong digest, unsorted, duplicates, over the cap, empty or huge batch.
-        assert!(read(&offer(&[a.clone(), b.clone()]), 10, ListDigest::of(&[a.clone()])).is_err());
+        assert!(read(
+            &offer(&[a.clone(), b.clone()]),
+            10,
+            ListDigest::of(std::slice::from_ref(&a))
+        )
+        .is_err());
         assert!(read(&offer(&[b.clone(), a.clone()]), 10, digest).is_err());
         assert!(read(&offer(&[a.clone(), a.clone()]), 10, digest).is_err());
         assert!(matches!(
@@ -390,7 +396,10 @@ mod tests {
         assert!(read(b"BATCH 2\n", 10, digest).is_err());
         assert!(read(b"NONSENSE\n", 10, digest).is_err());
         // The good one passes.
-        assert_eq!(read(&offer(&[a.clone(), b.clone()]), 10, digest).unwrap(), [a, b]);
+        assert_eq!(
+            read(&offer(&[a.clone(), b.clone()]), 10, digest).unwrap(),
+            [a, b]
+        );
     }
 
     #[test]

@@ -172,9 +172,14 @@ pub enum Response {
     Stats(Vec<(String, u64)>),
     /// Registered, but the relay does not hold the list with the digest
     /// announced: send it with `OFFER`, at most `max_files` of it.
-    SendList { ttl_secs: u64, max_files: usize },
+    SendList {
+        ttl_secs: u64,
+        max_files: usize,
+    },
     /// The list offered is indexed.
-    Indexed { files: usize },
+    Indexed {
+        files: usize,
+    },
     /// Holders of a name or of content: a random sample of each version's
     /// live holders, most held versions first.
     Holders(Vec<Holder>),

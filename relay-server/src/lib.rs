@@ -7,6 +7,7 @@
 
 pub use netkit::server::{Running, StartError};
 
+mod index;
 mod registry;
 mod serve;
 
@@ -35,6 +36,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long replies in flight may go on after a stop.
     pub grace: Duration,
+    /// Most files indexed for one peer; a peer is told so and sends no more.
+    pub max_files_per_peer: usize,
+    /// Most holdings (a file on a peer) in the index; offers beyond get `ERR busy`.
+    pub max_holdings: usize,
 }
 
 impl Default for Config {
@@ -48,6 +53,8 @@ impl Default for Config {
             max_connections: 4096,
             idle_timeout: Duration::from_secs(5),
             grace: Duration::from_secs(5),
+            max_files_per_peer: 10_000,
+            max_holdings: 20_000_000,
         }
     }
 }

@@ -28,6 +28,12 @@ struct Args {
     /// Most connections served at once; more are answered `ERR busy`
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_connections: u64,
+    /// Most files indexed for one peer (a peer is told so and leaves the rest out)
+    #[arg(long, env = "RELAY_MAX_FILES_PER_PEER", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=protocol::index::MAX_OFFER as u64))]
+    max_files_per_peer: u64,
+    /// Most holdings (one file on one peer) in the index; offers beyond are refused as busy
+    #[arg(long, env = "RELAY_MAX_HOLDINGS", default_value_t = 20_000_000)]
+    max_holdings: usize,
     /// Close a connection that sends or accepts nothing for this many seconds
     #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     idle_timeout: u64,
@@ -57,6 +63,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections as usize,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         grace: Duration::from_secs(5),
+        max_files_per_peer: args.max_files_per_peer as usize,
+        max_holdings: args.max_holdings,
     })?;
     cli::serve_until_signal(relay).map_err(anyhow::Error::msg)
 }

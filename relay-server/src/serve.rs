@@ -13,11 +13,13 @@ use std::{
 use log::{debug, info, warn};
 use netkit::{close_gently, describe_io, server::Connections, Deadline, Shutdown};
 use protocol::{
+    index::{read_offer_body, ListDigest, Pattern},
     relay::{Request, Response},
-    ErrorCode, ErrorReply, PeerAddr, ProtocolError, MAX_LINE,
+    ErrorCode, ErrorReply, FileName, PeerAddr, ProtocolError, MAX_LINE,
 };
 
 use crate::{
+    index::{Index, Refused},
     registry::{Registered, Registry},
     Config,
 };
@@ -25,6 +27,7 @@ use crate::{
 /// Everything a connection handler needs, shared by all of them.
 pub(crate) struct State {
     registry: Registry,
+    index: Index,
     max_peers_returned: usize,
     idle_timeout: Duration,
     started: Instant,
@@ -40,6 +43,8 @@ struct Stats {
     expired: AtomicU64,
     bad_requests: AtomicU64,
     timeouts: AtomicU64,
+    offers: AtomicU64,
+    index_lookups: AtomicU64,
     /// Registrations refused because the registry was full; connections
     /// refused over the cap are counted by `connections`.
     registry_full: AtomicU64,
@@ -53,6 +58,7 @@ impl State {
     pub(crate) fn new(config: &Config, connections: Arc<Connections>) -> Self {
         State {
             registry: Registry::new(config.ttl, config.max_registered),
+            index: Index::new(config.max_files_per_peer, config.max_holdings),
             max_peers_returned: config.max_peers_returned,
             idle_timeout: config.idle_timeout,
             started: Instant::now(),
@@ -65,6 +71,7 @@ impl State {
     pub(crate) fn sweep(&self, shutdown: &Shutdown) {
         while !shutdown.sleep(Duration::from_secs(1)) {
             for peer in self.registry.expire(Instant::now()) {
+                self.index.remove(&peer);
                 bump(&self.stats.expired);
                 info!(
                     "expired {peer} (silent for more than {}s)",
@@ -87,7 +94,11 @@ impl State {
         }
         let mut input =
             BufReader::with_capacity(MAX_LINE, Deadline::after(&stream, self.idle_timeout));
-        let Some((summary, response)) = self.respond(&mut input, remote.ip()) else {
+        // Each batch of an OFFER has the idle timeout to arrive, as a request line has.
+        let clock = input.get_ref().clock();
+        let idle = self.idle_timeout;
+        let extend = move || clock.set(Some(Instant::now() + idle));
+        let Some((summary, response)) = self.respond(&mut input, remote.ip(), &extend) else {
             return debug!("{remote}: closed without a request");
         };
         // Built in memory (at most 1000 short lines) so that its size can be logged.
@@ -110,26 +121,73 @@ impl State {
 
     /// Reads one request and carries it out; returns a log summary and the
     /// reply, or `None` if the caller closed without asking anything.
-    fn respond(&self, input: &mut impl BufRead, from: IpAddr) -> Option<(String, Response)> {
+    fn respond(
+        &self,
+        input: &mut dyn BufRead,
+        from: IpAddr,
+        extend: &dyn Fn(),
+    ) -> Option<(String, Response)> {
         match Request::read_from(input) {
-            Ok(Some(request)) => Some(self.answer(request, from)),
+            Ok(Some(request)) => Some(self.answer(request, from, input, extend)),
             Ok(None) => None,
-            Err(e) => {
-                let timed_out = matches!(&e, ProtocolError::Io(io) if netkit::is_timeout(io));
-                bump(if timed_out {
-                    &self.stats.timeouts
-                } else {
-                    &self.stats.bad_requests
-                });
-                let reply = netkit::server::refusal(&e);
-                Some((netkit::server::describe_refusal(&e), Response::Error(reply)))
+            Err(e) => Some(self.refuse(&e)),
+        }
+    }
+
+    /// The reply to a request that could not be read, counted as what it is.
+    fn refuse(&self, e: &ProtocolError) -> (String, Response) {
+        let timed_out = matches!(e, ProtocolError::Io(io) if netkit::is_timeout(io));
+        bump(if timed_out {
+            &self.stats.timeouts
+        } else {
+            &self.stats.bad_requests
+        });
+        let reply = netkit::server::refusal(e);
+        (netkit::server::describe_refusal(e), Response::Error(reply))
+    }
+
+    /// Lists `peer` or refreshes it: what REGISTER, ANNOUNCE and OFFER
+    /// share. On success, the log's word for it; otherwise the reply.
+    fn register(
+        &self,
+        verb: &str,
+        peer: PeerAddr,
+        now: Instant,
+    ) -> Result<&'static str, (String, Response)> {
+        match self.registry.register(peer, now) {
+            Registered::Full => {
+                bump(&self.stats.registry_full);
+                let reply = ErrorReply::new(
+                    ErrorCode::Busy,
+                    format!("the registry is full ({} peers)", self.registry.len()),
+                );
+                Err((
+                    format!("{verb} {peer} refused: registry full"),
+                    reply.into(),
+                ))
+            }
+            Registered::New => {
+                bump(&self.stats.registrations);
+                Ok("new")
+            }
+            Registered::Refreshed => {
+                bump(&self.stats.registrations);
+                Ok("refreshed")
             }
         }
     }
 
     /// Carries out one request; returns a log summary and the reply.
-    fn answer(&self, request: Request, from: IpAddr) -> (String, Response) {
+    /// `input` holds what follows the request line (an OFFER's body).
+    fn answer(
+        &self,
+        request: Request,
+        from: IpAddr,
+        input: &mut dyn BufRead,
+        extend: &dyn Fn(),
+    ) -> (String, Response) {
         let now = Instant::now();
+        let ttl_secs = self.registry.ttl().as_secs();
         match request {
             Request::Register { port, host } => {
                 let peer = match self.peer_addr(from, port, host) {
@@ -138,33 +196,60 @@ impl State {
                         return (format!("REGISTER refused: {}", reply.message), reply.into())
                     }
                 };
-                match self.registry.register(peer, now) {
-                    Registered::Full => {
-                        bump(&self.stats.registry_full);
-                        let reply = ErrorReply::new(
-                            ErrorCode::Busy,
-                            format!("the registry is full ({} peers)", self.registry.len()),
-                        );
-                        (
-                            format!("REGISTER {peer} refused: registry full"),
-                            reply.into(),
-                        )
-                    }
-                    outcome => {
-                        bump(&self.stats.registrations);
-                        let what = if outcome == Registered::New {
-                            "new"
-                        } else {
-                            "refreshed"
-                        };
-                        let ttl_secs = self.registry.ttl().as_secs();
-                        (
-                            format!("REGISTER {peer} {what}"),
-                            Response::Registered { ttl_secs },
-                        )
-                    }
+                match self.register("REGISTER", peer, now) {
+                    Ok(what) => (
+                        format!("REGISTER {peer} {what}"),
+                        Response::Registered { ttl_secs },
+                    ),
+                    Err(refused) => refused,
                 }
             }
+            Request::Announce { port, digest, host } => {
+                let peer = match self.peer_addr(from, port, host) {
+                    Ok(peer) => peer,
+                    Err(reply) => {
+                        return (format!("ANNOUNCE refused: {}", reply.message), reply.into())
+                    }
+                };
+                let what = match self.register("ANNOUNCE", peer, now) {
+                    Ok(what) => what,
+                    Err(refused) => return refused,
+                };
+                if self.index.digest(&peer) == Some(digest) {
+                    (
+                        format!("ANNOUNCE {peer} {what}, list unchanged"),
+                        Response::Registered { ttl_secs },
+                    )
+                } else {
+                    (
+                        format!("ANNOUNCE {peer} {what}, list {digest} wanted"),
+                        Response::SendList {
+                            ttl_secs,
+                            max_files: self.index.max_files_per_peer(),
+                        },
+                    )
+                }
+            }
+            Request::Offer { port, digest, host } => {
+                self.offer(port, digest, host, from, input, extend, now)
+            }
+            Request::Who { name } => {
+                bump(&self.stats.index_lookups);
+                let holders = self.index.who(&name, self.max_peers_returned);
+                (
+                    format!("WHO {name:?} -> {}", holders.len()),
+                    Response::Holders(holders),
+                )
+            }
+            Request::WhoHas { hash } => {
+                bump(&self.stats.index_lookups);
+                let holders = self.index.who_has(&hash, self.max_peers_returned);
+                (
+                    format!("WHOHAS {hash} -> {}", holders.len()),
+                    Response::Holders(holders),
+                )
+            }
+            Request::Ls { pattern, after } => self.list(&pattern, after.as_ref()),
             Request::Unregister { port, host } => {
                 let peer = match self.peer_addr(from, port, host) {
                     Ok(peer) => peer,
@@ -176,6 +261,7 @@ impl State {
                     }
                 };
                 bump(&self.stats.unregistrations);
+                self.index.remove(&peer);
                 let was = if self.registry.unregister(&peer) {
                     "removed"
                 } else {
@@ -190,6 +276,80 @@ impl State {
             }
             Request::Stats => ("STATS".to_string(), Response::Stats(self.stats(now))),
         }
+    }
+
+    /// OFFER: registers the peer, reads its list (each batch within the
+    /// idle timeout) and indexes it.
+    #[allow(clippy::too_many_arguments)]
+    fn offer(
+        &self,
+        port: u16,
+        digest: ListDigest,
+        host: Option<IpAddr>,
+        from: IpAddr,
+        input: &mut dyn BufRead,
+        extend: &dyn Fn(),
+        now: Instant,
+    ) -> (String, Response) {
+        let peer = match self.peer_addr(from, port, host) {
+            Ok(peer) => peer,
+            Err(reply) => return (format!("OFFER refused: {}", reply.message), reply.into()),
+        };
+        let max = self.index.max_files_per_peer();
+        let mut before_batch = || extend();
+        let files = match read_offer_body(input, max, digest, &mut before_batch) {
+            Ok(files) => files,
+            Err(e) => {
+                let (summary, reply) = self.refuse(&e);
+                return (format!("OFFER {peer} refused: {summary}"), reply);
+            }
+        };
+        if let Err(refused) = self.register("OFFER", peer, now) {
+            return refused;
+        }
+        bump(&self.stats.offers);
+        match self.index.replace(peer, digest, &files) {
+            Ok(count) => (
+                format!("OFFER {peer}: {count} files indexed"),
+                Response::Indexed { files: count },
+            ),
+            Err(Refused::Full { max }) => {
+                bump(&self.stats.registry_full);
+                let reply = ErrorReply::new(
+                    ErrorCode::Busy,
+                    format!("the index is full ({max} holdings)"),
+                );
+                (format!("OFFER {peer} refused: index full"), reply.into())
+            }
+        }
+    }
+
+    /// LS: one page of the listing of the names matching `pattern`.
+    fn list(&self, pattern: &Pattern, after: Option<&FileName>) -> (String, Response) {
+        bump(&self.stats.index_lookups);
+        // `*` stays within a folder, `**` crosses them, as in a shell.
+        let glob = globset::GlobBuilder::new(pattern.as_str())
+            .literal_separator(true)
+            .build();
+        let matcher = match glob {
+            Ok(glob) => glob.compile_matcher(),
+            Err(e) => {
+                bump(&self.stats.bad_requests);
+                let reply = ErrorReply::new(
+                    ErrorCode::BadRequest,
+                    format!("invalid pattern {:?}: {}", pattern.as_str(), e.kind()),
+                );
+                return (format!("LS refused: {}", reply.message), reply.into());
+            }
+        };
+        let page = self.index.list(&matcher, after);
+        (
+            format!("LS {:?} -> {}", pattern.as_str(), page.entries.len()),
+            Response::Listing {
+                entries: page.entries,
+                next: page.next,
+            },
+        )
     }
 
     /// The address a peer is stored under: the one its connection came
@@ -207,6 +367,7 @@ impl State {
     fn stats(&self, now: Instant) -> Vec<(String, u64)> {
         let s = &self.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (holdings, names) = self.index.counts();
         [
             ("peers_live", self.registry.len() as u64),
             ("uptime_secs", now.duration_since(self.started).as_secs()),
@@ -221,6 +382,10 @@ impl State {
                 self.connections.busy_rejections() + get(&s.registry_full),
             ),
             ("request_timeouts", get(&s.timeouts)),
+            ("offers", get(&s.offers)),
+            ("index_lookups", get(&s.index_lookups)),
+            ("holdings", holdings as u64),
+            ("names_indexed", names as u64),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -247,7 +412,7 @@ mod tests {
 
     fn ask(relay: &State, line: &str) -> Response {
         let (_, response) = relay
-            .respond(&mut Cursor::new(format!("{line}\n")), FROM)
+            .respond(&mut Cursor::new(format!("{line}\n")), FROM, &|| {})
             .unwrap();
         response
     }
@@ -329,6 +494,128 @@ mod tests {
         assert_eq!(get("bad_requests"), Some(1));
     }
 
+    fn holding(name: &str, content: &str) -> protocol::index::Holding {
+        protocol::index::Holding {
+            name: FileName::new(name).unwrap(),
+            size: content.len() as u64,
+            hash: blake3::hash(content.as_bytes()),
+        }
+    }
+
+    /// An OFFER from port 7000 with `files`, as a peer sends it.
+    fn offer_text(files: &[protocol::index::Holding], digest: ListDigest) -> String {
+        let mut body = Vec::new();
+        protocol::index::write_offer_body(&mut body, files).unwrap();
+        format!(
+            "RP2P/1 OFFER 7000 {digest}\n{}",
+            String::from_utf8(body).unwrap()
+        )
+    }
+
+    fn raw(relay: &State, text: &str) -> Response {
+        relay
+            .respond(&mut Cursor::new(text.to_string()), FROM, &|| {})
+            .unwrap()
+            .1
+    }
+
+    #[test]
+    fn an_announced_list_is_asked_for_once_then_found() {
+        let relay = relay();
+        let files = [holding("a.txt", "a"), holding("docs/b.txt", "b")];
+        let digest = ListDigest::of(&files);
+        let announce = format!("RP2P/1 ANNOUNCE 7000 {digest}");
+        assert_eq!(
+            ask(&relay, &announce),
+            Response::SendList {
+                ttl_secs: 90,
+                max_files: 10_000
+            }
+        );
+        assert_eq!(
+            raw(&relay, &offer_text(&files, digest)),
+            Response::Indexed { files: 2 }
+        );
+        // Unchanged: one line.
+        assert_eq!(
+            ask(&relay, &announce),
+            Response::Registered { ttl_secs: 90 }
+        );
+        let Response::Holders(holders) = ask(&relay, "RP2P/1 WHO docs/b.txt") else {
+            panic!("no holders")
+        };
+        assert_eq!(holders.len(), 1);
+        assert_eq!(holders[0].addr, "127.0.0.9:7000".parse().unwrap());
+        assert_eq!(holders[0].hash, blake3::hash(b"b"));
+        let Response::Holders(by_hash) =
+            ask(&relay, &format!("RP2P/1 WHOHAS {}", blake3::hash(b"a")))
+        else {
+            panic!("no holders")
+        };
+        assert_eq!(by_hash[0].name.as_str(), "a.txt");
+        let Response::Listing { entries, next } = ask(&relay, "RP2P/1 LS *.txt") else {
+            panic!("no listing")
+        };
+        assert_eq!(entries.len(), 1, "* stays within a folder");
+        assert_eq!(next, None);
+        // Leaving takes its files along.
+        ask(&relay, "RP2P/1 UNREGISTER 7000");
+        assert_eq!(ask(&relay, "RP2P/1 WHO a.txt"), Response::Holders(vec![]));
+        assert_eq!(
+            ask(&relay, &announce),
+            Response::SendList {
+                ttl_secs: 90,
+                max_files: 10_000
+            }
+        );
+    }
+
+    #[test]
+    fn hostile_offers_are_refused_and_index_nothing() {
+        let relay = relay();
+        let files = [holding("a", "a"), holding("b", "b")];
+        let digest = ListDigest::of(&files);
+        let wrong = ListDigest::of(&files[..1]);
+        let unsorted = [holding("b", "b"), holding("a", "a")];
+        let doubled = [holding("a", "a"), holding("a", "a")];
+        for text in [
+            offer_text(&files, wrong),
+            offer_text(&unsorted, ListDigest::of(&unsorted)),
+            offer_text(&doubled, ListDigest::of(&doubled)),
+            format!(
+                "RP2P/1 OFFER 7000 {digest}\nBATCH 1\n1 {} ../etc/passwd\nEND\n",
+                blake3::hash(b"")
+            ),
+            format!("RP2P/1 OFFER 7000 {digest}\nBATCH 5000\n"),
+            format!("RP2P/1 OFFER 7000 {digest}\nBATCH 2\n1 zz a\n"),
+            format!("RP2P/1 OFFER 7000 {digest}\n"),
+            "RP2P/1 LS [unclosed".to_string(),
+        ] {
+            assert!(matches!(raw(&relay, &text), Response::Error(_)), "{text}");
+        }
+        let Response::Stats(stats) = ask(&relay, "RP2P/1 STATS") else {
+            panic!()
+        };
+        assert!(stats.contains(&("holdings".to_string(), 0)));
+        // Over the per-peer cap.
+        let small = State::new(
+            &Config {
+                max_files_per_peer: 1,
+                ..Config::default()
+            },
+            Arc::default(),
+        );
+        assert!(matches!(
+            raw(&small, &offer_text(&files, digest)),
+            Response::Error(e) if e.code == ErrorCode::BadRequest
+        ));
+        // And the relay goes on.
+        assert_eq!(
+            raw(&relay, &offer_text(&files, digest)),
+            Response::Indexed { files: 2 }
+        );
+    }
+
     /// A reader whose every read times out, as a socket past its deadline.
     struct Silent;
     impl std::io::Read for Silent {
@@ -343,7 +630,9 @@ mod tests {
         for port in 1..=5 {
             ask(&relay, &format!("RP2P/1 REGISTER {port}"));
         }
-        let (summary, response) = relay.respond(&mut BufReader::new(Silent), FROM).unwrap();
+        let (summary, response) = relay
+            .respond(&mut BufReader::new(Silent), FROM, &|| {})
+            .unwrap();
         assert_eq!(summary, "timed out: no complete request line");
         assert_eq!(
             response,
@@ -367,7 +656,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let relay = relay();
-            if let Some((_, response)) = relay.respond(&mut Cursor::new(bytes), FROM) {
+            if let Some((_, response)) = relay.respond(&mut Cursor::new(bytes), FROM, &|| {}) {
                 let mut out = Vec::new();
                 prop_assert!(response.write_to(&mut out).is_ok());
             }
@@ -376,7 +665,7 @@ mod tests {
 
         #[test]
         fn arbitrary_registrations_never_panic(line in "RP2P/1 (UN)?REGISTER [0-9]{0,6}( [0-9a-f.:]{0,20})?") {
-            let _ = relay().respond(&mut Cursor::new(format!("{line}\n")), FROM);
+            let _ = relay().respond(&mut Cursor::new(format!("{line}\n")), FROM, &|| {});
         }
     }
 }
