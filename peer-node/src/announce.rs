@@ -1,26 +1,40 @@
-//! Keeping this peer on the relay's list: register at start, heartbeat on
-//! an interval, retry with backoff while the relay is away, and unregister
-//! on the way out. One thread does all of it, so UNREGISTER is always the
-//! last thing the relay hears from this peer: no heartbeat can overtake it
-//! and list a stopped peer again.
+//! Keeping this peer on the relay's list and in its index: announce at
+//! start, heartbeat on an interval (and at once when the folder changes),
+//! send the list of files when the relay asks for it, retry with backoff
+//! while the relay is away, and unregister on the way out. One thread does
+//! all of it, so UNREGISTER is always the last thing the relay hears from
+//! this peer: no heartbeat can overtake it and list a stopped peer again.
 
 use std::{
     net::{IpAddr, TcpStream},
-    sync::Mutex,
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
 };
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use netkit::{
     call::{Call, CallError},
     Shutdown,
 };
-use protocol::relay::{Request, Response};
+use protocol::{
+    index::{write_offer_body, Holding, ListDigest},
+    peer::MAX_FILES,
+    relay::{Request, Response},
+    ErrorCode, ErrorReply,
+};
+
+use crate::serve::Peer;
 
 /// Longest wait between two attempts while the relay cannot be reached.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest a shutdown waits for the relay to take note.
 pub(crate) const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a change in the folder, how long to wait for more before
+/// announcing: saving a file is often several events.
+const SETTLE: Duration = Duration::from_millis(100);
 
 pub(crate) struct Announcer {
     /// `host:port` of the relay, resolved again on every attempt.
@@ -31,9 +45,44 @@ pub(crate) struct Announcer {
     pub(crate) advertise: Option<IpAddr>,
     pub(crate) heartbeat: Duration,
     pub(crate) timeout: Duration,
-    /// The connection of the registration in flight, so that a shutdown
+    /// What is served, to list it.
+    pub(crate) peer: Arc<Peer>,
+    /// The connection of the announcement in flight, so that a shutdown
     /// can cut it short instead of waiting out a frozen relay.
     pub(crate) in_flight: Mutex<Option<TcpStream>>,
+    /// Wakes the announcer before its heartbeat is due.
+    pub(crate) wake: Wake,
+    /// The relay answered that it has no index (an older relay): plain
+    /// REGISTER heartbeats from then on.
+    legacy: AtomicBool,
+    /// Files left out of the last list sent, so that a warning is given
+    /// when the number changes, not at every heartbeat.
+    left_out: AtomicUsize,
+}
+
+/// A flag and a condition variable: "something changed, announce now".
+#[derive(Default)]
+pub(crate) struct Wake {
+    nudged: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl Wake {
+    /// Wakes the announcer (the folder changed, or the peer is stopping).
+    pub(crate) fn nudge(&self) {
+        *self.nudged.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cond.notify_all();
+    }
+
+    /// Waits `timeout` or until nudged; true when nudged.
+    fn wait(&self, timeout: Duration) -> bool {
+        let guard = self.nudged.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut nudged, _) = self
+            .cond
+            .wait_timeout_while(guard, timeout, |nudged| !*nudged)
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *nudged)
+    }
 }
 
 /// Why one exchange with the relay failed.
@@ -42,21 +91,45 @@ enum AnnounceError {
     #[error(transparent)]
     Call(#[from] CallError),
     #[error("relay said: {0}")]
-    Refused(protocol::ErrorReply),
+    Refused(ErrorReply),
     #[error("unexpected reply {0:?}")]
     Unexpected(Response),
+    #[error("cannot list the folder: {0}")]
+    Folder(#[source] std::io::Error),
     #[error("shutting down")]
     ShuttingDown,
 }
 
 impl Announcer {
-    /// Registers now and then every heartbeat until shutdown; then
-    /// unregisters, as its last word.
+    pub(crate) fn new(
+        relay: String,
+        port: u16,
+        advertise: Option<IpAddr>,
+        heartbeat: Duration,
+        timeout: Duration,
+        peer: Arc<Peer>,
+    ) -> Self {
+        Announcer {
+            relay,
+            port,
+            advertise,
+            heartbeat,
+            timeout,
+            peer,
+            in_flight: Mutex::new(None),
+            wake: Wake::default(),
+            legacy: AtomicBool::new(false),
+            left_out: AtomicUsize::new(0),
+        }
+    }
+
+    /// Announces now and then every heartbeat, or sooner when nudged,
+    /// until shutdown; then unregisters, as its last word.
     pub(crate) fn run(&self, shutdown: &Shutdown) {
         let mut backoff = Duration::from_secs(1);
         let mut registered = false;
         while !shutdown.is_triggered() {
-            let wait = match self.register(shutdown) {
+            let wait = match self.announce(shutdown) {
                 Ok(ttl_secs) => {
                     if !registered {
                         info!("registered with relay {} (ttl {ttl_secs}s)", self.relay);
@@ -87,20 +160,27 @@ impl Announcer {
                     wait
                 }
             };
-            if shutdown.sleep(wait) {
-                break;
+            if self.wake.wait(wait) && !shutdown.is_triggered() {
+                // Let a burst of changes settle into one announcement.
+                let settled = Instant::now() + SETTLE;
+                while self
+                    .wake
+                    .wait(settled.saturating_duration_since(Instant::now()))
+                {}
+                debug!("the folder changed: announcing");
             }
         }
         self.unregister();
     }
 
-    /// Called after the shutdown signal: lets a registration in flight
-    /// finish for up to `patience`, so that the relay has carried it out
-    /// before it hears UNREGISTER, then cuts it short, so that a frozen
-    /// relay cannot hold up the shutdown.
+    /// Called after the shutdown signal: wakes the announcer, lets an
+    /// announcement in flight finish for up to `patience`, so that the
+    /// relay has carried it out before it hears UNREGISTER, then cuts it
+    /// short, so that a frozen relay cannot hold up the shutdown.
     pub(crate) fn settle(&self, patience: Duration) {
-        let deadline = std::time::Instant::now() + patience;
-        while self.lock_in_flight().is_some() && std::time::Instant::now() < deadline {
+        self.wake.nudge();
+        let deadline = Instant::now() + patience;
+        while self.lock_in_flight().is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         let taken = self.lock_in_flight().take();
@@ -109,8 +189,82 @@ impl Announcer {
         }
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, Option<TcpStream>> {
+    fn lock_in_flight(&self) -> MutexGuard<'_, Option<TcpStream>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One heartbeat: ANNOUNCE with the digest of the list, and the list
+    /// itself when the relay asks for it; plain REGISTER to a relay
+    /// without an index. Returns the relay's TTL.
+    fn announce(&self, shutdown: &Shutdown) -> Result<u64, AnnounceError> {
+        if self.legacy.load(Ordering::Relaxed) {
+            return self.register(shutdown);
+        }
+        let (files, left_out) = self
+            .peer
+            .library
+            .holdings(MAX_FILES)
+            .map_err(AnnounceError::Folder)?;
+        let request = Request::Announce {
+            port: self.port,
+            digest: ListDigest::of(&files),
+            host: self.advertise,
+        };
+        match self.exchange(shutdown, &request, None)? {
+            Response::Registered { ttl_secs } => Ok(ttl_secs),
+            Response::SendList {
+                ttl_secs,
+                max_files,
+            } => {
+                self.offer(shutdown, files, left_out, max_files)?;
+                Ok(ttl_secs)
+            }
+            Response::Error(e)
+                if e.code == ErrorCode::BadRequest && e.message.starts_with("unknown command") =>
+            {
+                info!(
+                    "relay {} keeps no index of files: registering without the list",
+                    self.relay
+                );
+                self.legacy.store(true, Ordering::Relaxed);
+                self.register(shutdown)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends the list, cut to what the relay takes.
+    fn offer(
+        &self,
+        shutdown: &Shutdown,
+        mut files: Vec<Holding>,
+        mut left_out: usize,
+        max_files: usize,
+    ) -> Result<(), AnnounceError> {
+        if files.len() > max_files {
+            left_out += files.len() - max_files;
+            files.truncate(max_files);
+        }
+        if self.left_out.swap(left_out, Ordering::Relaxed) != left_out && left_out > 0 {
+            warn!(
+                "{left_out} files not announced to relay {} (over its limit of {max_files} \
+                 files a peer, over this peer's {MAX_FILES}, or still being hashed); \
+                 they are served but not found through the relay",
+                self.relay
+            );
+        }
+        let request = Request::Offer {
+            port: self.port,
+            digest: ListDigest::of(&files),
+            host: self.advertise,
+        };
+        match self.exchange(shutdown, &request, Some(&files))? {
+            Response::Indexed { files } => {
+                info!("relay {} indexed {files} files", self.relay);
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        }
     }
 
     fn register(&self, shutdown: &Shutdown) -> Result<u64, AnnounceError> {
@@ -118,6 +272,20 @@ impl Announcer {
             port: self.port,
             host: self.advertise,
         };
+        match self.exchange(shutdown, &request, None)? {
+            Response::Registered { ttl_secs } => Ok(ttl_secs),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One request (with an OFFER's body) and its reply, on record in
+    /// `in_flight` so that a shutdown can wait for it, then cut it.
+    fn exchange(
+        &self,
+        shutdown: &Shutdown,
+        request: &Request,
+        body: Option<&[Holding]>,
+    ) -> Result<Response, AnnounceError> {
         let mut call = Call::connect(&self.relay, self.timeout)?;
         {
             let mut in_flight = self.lock_in_flight();
@@ -128,12 +296,9 @@ impl Announcer {
             }
             *in_flight = call.stream().try_clone().ok();
         }
-        let reply = self.exchange(&mut call, &request);
+        let reply = send(&mut call, request, body);
         self.lock_in_flight().take();
-        match reply? {
-            Response::Registered { ttl_secs } => Ok(ttl_secs),
-            other => Err(unexpected(other)),
-        }
+        reply
     }
 
     /// Asks the relay to forget this peer at once.
@@ -146,7 +311,7 @@ impl Announcer {
         };
         let outcome = Call::connect(&self.relay, timeout)
             .map_err(AnnounceError::from)
-            .and_then(|mut call| self.exchange(&mut call, &request));
+            .and_then(|mut call| send(&mut call, &request, None));
         match outcome {
             Ok(Response::Unregistered) => info!("unregistered from relay {}", self.relay),
             Ok(other) => warn!(
@@ -157,11 +322,21 @@ impl Announcer {
             Err(e) => warn!("cannot unregister from relay {}: {e}", self.relay),
         }
     }
+}
 
-    fn exchange(&self, call: &mut Call, request: &Request) -> Result<Response, AnnounceError> {
-        call.send(|w| request.write_to(w))?;
-        Ok(call.receive(|r| Response::read_from(r))?)
-    }
+fn send(
+    call: &mut Call,
+    request: &Request,
+    body: Option<&[Holding]>,
+) -> Result<Response, AnnounceError> {
+    call.send(|w| {
+        request.write_to(w)?;
+        match body {
+            Some(files) => write_offer_body(w, files),
+            None => Ok(()),
+        }
+    })?;
+    Ok(call.receive(|r| Response::read_from(r))?)
 }
 
 fn unexpected(response: Response) -> AnnounceError {

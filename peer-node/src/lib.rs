@@ -11,12 +11,13 @@ mod announce;
 mod files;
 mod serve;
 mod stall;
+mod watch;
 
 use std::{
     io,
     net::{IpAddr, SocketAddr, ToSocketAddrs},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -96,6 +97,8 @@ pub struct Node {
     server: Server,
     announcer: Arc<announce::Announcer>,
     heartbeat: Option<JoinHandle<()>>,
+    /// Stops watching the folder when dropped.
+    watcher: Option<notify::RecommendedWatcher>,
     warm_up: Option<JoinHandle<()>>,
     grace: Duration,
 }
@@ -136,7 +139,10 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
             peer.library.warm_up(&|| shutdown.is_triggered())
         })?
     };
-    let handler = Arc::new(move |stream| serve::handle(&peer, stream));
+    let handler = {
+        let peer = Arc::clone(&peer);
+        Arc::new(move |stream| serve::handle(&peer, stream))
+    };
     let server = Server::spawn(
         listener,
         limits,
@@ -146,14 +152,18 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
     )?;
     // Registered only once the peer serves, so that no client is sent to
     // a peer that is not listening yet.
-    let announcer = Arc::new(announce::Announcer {
-        relay: config.relay,
-        port: local.port(),
-        advertise: config.advertise,
-        heartbeat: config.heartbeat,
-        timeout: config.timeout,
-        in_flight: Mutex::new(None),
-    });
+    let announcer = Arc::new(announce::Announcer::new(
+        config.relay,
+        local.port(),
+        config.advertise,
+        config.heartbeat,
+        config.timeout,
+        Arc::clone(&peer),
+    ));
+    let watcher = {
+        let announcer = Arc::clone(&announcer);
+        watch::folder(peer.library.root(), move || announcer.wake.nudge())
+    };
     let heartbeat = {
         let (announcer, shutdown) = (Arc::clone(&announcer), Arc::clone(&shutdown));
         spawn_thread("heartbeat", move || announcer.run(&shutdown))?
@@ -163,6 +173,7 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         announcer,
         heartbeat: Some(heartbeat),
         warm_up: Some(warm_up),
+        watcher,
         grace: config.grace,
     })
 }
@@ -188,6 +199,7 @@ impl Running for Node {
 impl Node {
     fn end(&mut self, grace: Duration) -> usize {
         self.server.stop_accepting();
+        self.watcher = None;
         self.announcer.settle(announce::UNREGISTER_TIMEOUT);
         if let Some(heartbeat) = self.heartbeat.take() {
             // The announcer's last word is bounded by UNREGISTER_TIMEOUT;

@@ -190,8 +190,9 @@ fn a_peer_restarted_on_the_same_address_is_listed_once() {
     first.signal("KILL");
     drop(first);
     let second = Server::peer(relay.addr, dir.path(), &["--port", &port]);
+    let announced = format!("ANNOUNCE 127.0.0.1:{port} ");
     eventually("the new peer registered", || {
-        relay.log().matches("REGISTER").count() >= 2
+        relay.log().matches(&announced).count() >= 2
     });
     assert_eq!(live_peers(relay.addr).len(), 1);
     assert_eq!(live_peers(relay.addr)[0].port(), second.addr.port());
@@ -391,7 +392,12 @@ fn recording_relay() -> (
             thread::spawn(move || {
                 let mut line = String::new();
                 let _ = BufReader::new(&stream).read_line(&mut line);
-                let verb = line.split(' ').nth(1).unwrap_or("").to_string();
+                // An ANNOUNCE is this peer's heartbeat; "REGISTERED" says
+                // the relay holds its list already.
+                let verb = match line.split(' ').nth(1).unwrap_or("") {
+                    "ANNOUNCE" => "REGISTER".to_string(),
+                    other => other.to_string(),
+                };
                 let reply = if verb == "REGISTER" {
                     if registers.fetch_add(1, Ordering::SeqCst) == 1 {
                         let _ = held_tx.send(());
