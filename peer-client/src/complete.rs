@@ -14,10 +14,14 @@ use rustyline::{
     Helper,
 };
 
-use crate::{discover::Relay, listing, listing::Listed};
+use crate::{discover::Relay, listing};
 
 /// How long a fetched list is used before it is fetched again.
 const FRESH: Duration = Duration::from_secs(30);
+
+/// The most names kept for completion: enough for any folder a person
+/// tabs through, bounded on a network with millions.
+const MAX_NAMES: usize = 100_000;
 
 /// Words the prompt understands besides file names.
 const COMMANDS: [&str; 5] = ["get ", "help", "ls", "peers", "quit"];
@@ -53,13 +57,13 @@ impl Catalog {
             .name("catalog".into())
             .spawn(move || {
                 // Logged, not printed: a status line would tear the prompt being edited.
-                let files = listing::collect(&relay, None, &mut |line| log::debug!("{line}"));
+                let files = listing::names(&relay, MAX_NAMES);
                 let mut state = catalog.lock();
                 state.fetching = false;
                 // Also after a failure, so that a relay that is down is not asked on every Tab.
                 state.fetched = Some(Instant::now());
                 match files {
-                    Ok(listing) => state.names = names(&listing.files),
+                    Ok(names) => state.names = names.into(),
                     Err(e) => log::debug!("cannot list files for completion: {e}"),
                 }
             });
@@ -69,19 +73,18 @@ impl Catalog {
     }
 
     /// Takes the result of a full `ls` the user ran anyway.
-    pub fn set(&self, files: &[Listed]) {
+    /// Replaces the names known (sorted, as `ls` gives them).
+    pub fn set_names(&self, mut names: Vec<String>) {
+        names.dedup();
+        names.truncate(MAX_NAMES);
         let mut state = self.lock();
-        state.names = names(files);
+        state.names = names.into();
         state.fetched = Some(Instant::now());
     }
 
     fn names(&self) -> Arc<[String]> {
         Arc::clone(&self.lock().names)
     }
-}
-
-fn names(files: &[Listed]) -> Arc<[String]> {
-    files.iter().map(|f| f.name.as_str().to_string()).collect()
 }
 
 /// The line editor's helper: completes file names and commands.

@@ -4,9 +4,13 @@ use std::{fmt, time::Duration};
 
 use netkit::call::{self, CallError};
 use protocol::{
+    index::{Holder, Listed, Pattern},
     relay::{Request, Response},
-    PeerAddr, ProtocolError,
+    ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
 };
+
+/// A page of the listing, and where the next one starts.
+pub type Page = (Vec<Listed>, Option<FileName>);
 
 /// Where the relay is, and how long to wait for it.
 #[derive(Clone, Debug)]
@@ -53,6 +57,57 @@ impl Relay {
                 Ok(peers)
             }
             other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Who holds a file named `name`, from the relay's index; `None` from
+    /// a relay that keeps no index (an older one).
+    pub fn who(&self, name: &FileName) -> Result<Option<Vec<Holder>>, RelayError> {
+        self.holders(Request::Who { name: name.clone() })
+    }
+
+    /// Who holds the content `hash`, under whatever name; `None` as for `who`.
+    pub fn who_has(&self, hash: ContentHash) -> Result<Option<Vec<Holder>>, RelayError> {
+        self.holders(Request::WhoHas { hash })
+    }
+
+    fn holders(&self, request: Request) -> Result<Option<Vec<Holder>>, RelayError> {
+        match self.call_indexed(request)? {
+            Some(Response::Holders(holders)) => Ok(Some(holders)),
+            Some(other) => Err(self.unexpected(other)),
+            None => Ok(None),
+        }
+    }
+
+    /// One page of the network-wide listing: the versions of the names
+    /// matching `pattern` after `after`, and where the next page starts;
+    /// `None` from a relay that keeps no index.
+    pub fn list_page(
+        &self,
+        pattern: &Pattern,
+        after: Option<FileName>,
+    ) -> Result<Option<Page>, RelayError> {
+        let request = Request::Ls {
+            pattern: pattern.clone(),
+            after,
+        };
+        match self.call_indexed(request)? {
+            Some(Response::Listing { entries, next }) => Ok(Some((entries, next))),
+            Some(other) => Err(self.unexpected(other)),
+            None => Ok(None),
+        }
+    }
+
+    /// `call`, with an older relay's refusal of an unknown command as `None`.
+    fn call_indexed(&self, request: Request) -> Result<Option<Response>, RelayError> {
+        match self.call(request) {
+            Err(RelayError {
+                source: CallError::Refused(e),
+                ..
+            }) if e.code == ErrorCode::BadRequest && e.message.starts_with("unknown command") => {
+                Ok(None)
+            }
+            other => other.map(Some),
         }
     }
 

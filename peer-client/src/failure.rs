@@ -14,6 +14,15 @@ pub enum Failure {
     /// A fetch failed: not found, network, or the output.
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    /// The relay's index has no live holder of what was asked for.
+    #[error("{what} not found: no live holder in the relay's index")]
+    NotHeld {
+        /// The name, quoted, or the hash.
+        what: String,
+    },
+    /// A glob that does not parse.
+    #[error("invalid pattern: {0}")]
+    Pattern(String),
     /// `ls`: live peers exist, but none could be asked.
     #[error("no peer could list its files ({failed} of {asked} could not be asked)")]
     NoListing {
@@ -41,6 +50,8 @@ impl Failure {
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Fetch(e) if e.is_not_found() => 1,
+            Failure::NotHeld { .. } => 1,
+            Failure::Pattern(_) => 2,
             Failure::Fetch(FetchError::Output { .. } | FetchError::TooBig { .. }) => 4,
             Failure::Relay(_) | Failure::Fetch(_) | Failure::NoListing { .. } => 3,
             Failure::Stdout(_) | Failure::Save(_) | Failure::Input(_) | Failure::Signal(_) => 4,

@@ -135,6 +135,9 @@ enum Attempt {
 pub struct Fetcher<'a> {
     pub timeout: Duration,
     pub limits: Limits,
+    /// The content wanted, where the relay's index said which: a peer
+    /// that has other content under the name now is passed over.
+    pub expect: Option<ContentHash>,
     /// Called with one line for every peer skipped and why.
     pub note: &'a mut dyn FnMut(&str),
     pub progress: &'a mut dyn Progress,
@@ -323,6 +326,12 @@ impl Fetcher<'_> {
             }
             Err(e) => return Ok(Attempt::Skipped(e)),
         };
+        if let Some(want) = self.expect.filter(|want| *want != header.hash) {
+            return Ok(Attempt::Broke(format!(
+                "has other content under that name now ({}, not {want})",
+                header.hash
+            )));
+        }
         if let Some(why) = self.too_big(&header, partial.as_ref(), sink) {
             return Ok(Attempt::TooBig(why));
         }
@@ -536,6 +545,7 @@ mod tests {
         let result = Fetcher {
             timeout,
             limits,
+            expect: None,
             note: &mut |line| notes.push(line.to_string()),
             progress: &mut (),
         }
@@ -770,6 +780,7 @@ mod tests {
         let result = Fetcher {
             timeout: Duration::from_secs(1),
             limits: Limits::default(),
+            expect: None,
             note: &mut |line| notes.push(line.to_string()),
             progress: &mut (),
         }

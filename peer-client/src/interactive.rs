@@ -11,11 +11,10 @@ use crate::{
     discover::Relay,
     fetch::{Fetcher, Limits},
     input::Input,
-    listing,
     print::{self, Format},
     progress::Bar,
     save::StdoutSink,
-    Failure,
+    Failure, Wanted,
 };
 
 const HELP: &str = "\
@@ -50,8 +49,8 @@ pub fn run(relay: &Relay, limits: Limits) -> Result<(), Failure> {
                 eprintln!("{} live peers", peers.len());
             }
             "ls" => ls(relay, &catalog, rest),
-            "get" => get(relay, limits, &mut peers, rest),
-            _ => get(relay, limits, &mut peers, line),
+            "get" => get(relay, limits, &peers, rest),
+            _ => get(relay, limits, &peers, line),
         }
     }
     Ok(())
@@ -67,18 +66,27 @@ fn refresh(relay: &Relay, peers: &mut Vec<PeerAddr>) {
 }
 
 fn ls(relay: &Relay, catalog: &Catalog, pattern: &str) {
-    let pattern = Some(pattern).filter(|p| !p.is_empty());
-    match listing::collect(relay, pattern, &mut |l| eprintln!("{l}")) {
-        Ok(listing) => {
-            if pattern.is_none() {
-                catalog.set(&listing.files);
+    let pattern = match pattern {
+        "" => crate::everything(),
+        text => match crate::parse_pattern(text) {
+            Ok(pattern) => pattern,
+            Err(e) => return eprintln!("invalid pattern: {e}"),
+        },
+    };
+    let everything = pattern == crate::everything();
+    let (mut lines, mut names) = (0, Vec::new());
+    let listed = crate::ls(relay, &pattern, false, Format::Text, &mut |page| {
+        lines += page.len();
+        if everything {
+            names.extend(page.iter().map(|f| f.name.as_str().to_string()));
+        }
+    });
+    match listed {
+        Ok(()) => {
+            if everything {
+                catalog.set_names(names);
             }
-            show(print::files(
-                &mut io::stdout(),
-                &listing.files,
-                Format::Text,
-            ));
-            eprintln!("{} files", listing.files.len());
+            eprintln!("{lines} files");
         }
         Err(e) => eprintln!("{e}"),
     }
@@ -91,21 +99,29 @@ fn show(written: io::Result<()>) {
     }
 }
 
-fn get(relay: &Relay, limits: Limits, peers: &mut Vec<PeerAddr>, name: &str) {
+fn get(relay: &Relay, limits: Limits, peers: &[PeerAddr], name: &str) {
     let name = match FileName::new(name) {
         Ok(name) => name,
         Err(e) => return eprintln!("{e}"),
     };
-    refresh(relay, peers);
+    let (name, sources, expect) = match crate::sources(relay, &Wanted::Name(name.clone())) {
+        Ok(found) => found,
+        Err(Failure::Relay(e)) => {
+            eprintln!("{e}; asking the last list of {} peers", peers.len());
+            (name, peers.to_vec(), None)
+        }
+        Err(e) => return eprintln!("{e}"),
+    };
     let mut out = StdoutSink::new();
     let mut bar = Bar::new(true);
     let result = Fetcher {
         timeout: relay.timeout,
         limits,
+        expect,
         note: &mut bar.printer(),
         progress: &mut bar,
     }
-    .fetch(peers, &name, &mut out);
+    .fetch(&sources, &name, &mut out);
     // Keep the prompt on a line of its own after content without a final newline.
     if out.last.is_some_and(|b| b != b'\n') && io::stdout().is_terminal() {
         println!();

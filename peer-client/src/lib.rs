@@ -20,7 +20,7 @@ use std::{io, path::PathBuf, time::Duration};
 
 use clap::{builder::FalseyValueParser, Parser, Subcommand};
 use netkit::cli::Docs;
-use protocol::FileName;
+use protocol::{index::Pattern, ContentHash, FileName, PeerAddr};
 
 pub use crate::failure::Failure;
 use crate::{
@@ -71,11 +71,16 @@ unreachable, busy or refusing, transfer failed: worth a retry), 4 local error (c
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fetch one file: its exact bytes to stdout, or into a file with -o
+    /// Fetch one file, by name or by content: its exact bytes to stdout,
+    /// or into a file with -o
     Get {
         /// Name of the file, relative to the peers' folders
-        #[arg(value_parser = parse_name)]
-        name: FileName,
+        #[arg(value_parser = parse_name, required_unless_present = "hash", conflicts_with = "hash")]
+        name: Option<FileName>,
+        /// Fetch the content with this BLAKE3 hash (64 hex digits), under
+        /// whatever name its holders have it
+        #[arg(long, value_name = "HEX", value_parser = parse_hash)]
+        hash: Option<ContentHash>,
         /// Save to this path instead (a folder keeps the file's name); the
         /// file appears only once complete and verified
         #[arg(short, long)]
@@ -87,11 +92,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the files on all live peers: size, number of peers, name
+    /// List the files the network holds: size, number of peers, name (one
+    /// line per version of a name)
     Ls {
-        /// Only names containing this text (plain, case-sensitive substring, not a glob)
-        pattern: Option<String>,
-        /// One JSON object per line: {"name":"NAME","size":BYTES,"peers":N}
+        /// Only names matching this glob: `*.txt` (`*` stays within a
+        /// folder), `docs/**` (`**` crosses folders); all when left out
+        #[arg(value_parser = parse_pattern)]
+        pattern: Option<Pattern>,
+        /// Also the content hash of each
+        #[arg(short, long)]
+        long: bool,
+        /// One JSON object per line: {"name":"NAME","size":BYTES,"peers":N,"hash":"HEX"}
         #[arg(long)]
         json: bool,
     },
@@ -113,6 +124,25 @@ fn format(json: bool) -> Format {
 
 fn parse_name(s: &str) -> Result<FileName, String> {
     FileName::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_hash(s: &str) -> Result<ContentHash, String> {
+    if s.len() != 64 {
+        return Err(format!("{s:?} is not 64 hex digits"));
+    }
+    ContentHash::from_hex(s.to_ascii_lowercase()).map_err(|e| e.to_string())
+}
+
+pub(crate) fn parse_pattern(s: &str) -> Result<Pattern, String> {
+    let pattern = Pattern::new(s).map_err(|e| e.to_string())?;
+    listing::matcher(&pattern).map_err(|e| e.kind().to_string())?;
+    Ok(pattern)
+}
+
+/// All names.
+pub(crate) fn everything() -> Pattern {
+    // "**" is a valid pattern by construction.
+    Pattern::new("**").unwrap_or_else(|_| unreachable!())
 }
 
 impl Args {
@@ -137,28 +167,24 @@ pub fn run(args: Args) -> Result<(), Failure> {
     };
     match args.command {
         None => interactive::run(&relay, limits),
-        Some(Command::Get { name, output }) => get(&relay, limits, &name, output),
+        Some(Command::Get { name, hash, output }) => {
+            get(&relay, limits, Wanted::new(name, hash), output)
+        }
         Some(Command::Peers { json }) => {
             let peers = relay.peers()?;
             stdout(print::peers(&mut io::stdout(), &peers, format(json)))
         }
-        Some(Command::Ls { pattern, json }) => {
-            let listing =
-                listing::collect(&relay, pattern.as_deref(), &mut |line| eprintln!("{line}"))?;
-            stdout(print::files(
-                &mut io::stdout(),
-                &listing.files,
-                format(json),
-            ))?;
-            if listing.asked > 0 && listing.failed == listing.asked {
-                // An empty list would read as "no files": say it is unknown.
-                return Err(Failure::NoListing {
-                    failed: listing.failed,
-                    asked: listing.asked,
-                });
-            }
-            Ok(())
-        }
+        Some(Command::Ls {
+            pattern,
+            long,
+            json,
+        }) => ls(
+            &relay,
+            &pattern.unwrap_or_else(everything),
+            long,
+            format(json),
+            &mut |_| {},
+        ),
         Some(Command::Stats { json }) => {
             let stats = relay.stats()?;
             stdout(print::stats(&mut io::stdout(), &stats, format(json)))
@@ -174,17 +200,129 @@ fn stdout(written: io::Result<()>) -> Result<(), Failure> {
     }
 }
 
+/// `ls`: from the relay's index, streamed page by page; from a relay
+/// without one, by asking every live peer.
+/// `seen` sees every page printed (the interactive client's completion
+/// learns the names from it).
+pub(crate) fn ls(
+    relay: &Relay,
+    pattern: &Pattern,
+    long: bool,
+    format: Format,
+    seen: &mut dyn FnMut(&[listing::Listed]),
+) -> Result<(), Failure> {
+    let mut out = io::stdout();
+    let streamed = listing::stream(relay, pattern, &mut |page| {
+        seen(page);
+        print::files(&mut out, page, format, long).map(|()| std::ops::ControlFlow::Continue(()))
+    });
+    match streamed {
+        Ok(Some(_)) => return Ok(()),
+        Ok(None) => {}
+        Err(listing::StreamError::Relay(e)) => return Err(e.into()),
+        Err(listing::StreamError::Output(e)) => return stdout(Err(e)),
+    }
+    let matcher = listing::matcher(pattern).map_err(|e| Failure::Pattern(e.to_string()))?;
+    let listing = listing::collect(relay, &matcher, &mut |line| eprintln!("{line}"))?;
+    seen(&listing.files);
+    stdout(print::files(&mut out, &listing.files, format, long))?;
+    if listing.asked > 0 && listing.failed == listing.asked {
+        // An empty list would read as "no files": say it is unknown.
+        return Err(Failure::NoListing {
+            failed: listing.failed,
+            asked: listing.asked,
+        });
+    }
+    Ok(())
+}
+
+/// What `get` asks for: a name, or content by its hash.
+pub(crate) enum Wanted {
+    Name(FileName),
+    Hash(ContentHash),
+}
+
+impl Wanted {
+    fn new(name: Option<FileName>, hash: Option<ContentHash>) -> Self {
+        match (name, hash) {
+            (_, Some(hash)) => Wanted::Hash(hash),
+            (Some(name), None) => Wanted::Name(name),
+            // clap requires one of them.
+            (None, None) => unreachable!("get needs a name or --hash"),
+        }
+    }
+}
+
+/// Whom to ask for what: the holders the relay's index names (the
+/// version most of them hold, when they differ), or every live peer from
+/// a relay without an index.
+pub(crate) fn sources(
+    relay: &Relay,
+    wanted: &Wanted,
+) -> Result<(FileName, Vec<PeerAddr>, Option<ContentHash>), Failure> {
+    let holders = match wanted {
+        Wanted::Name(name) => relay.who(name)?,
+        Wanted::Hash(hash) => relay.who_has(*hash)?,
+    };
+    let Some(holders) = holders else {
+        return match wanted {
+            Wanted::Name(name) => Ok((name.clone(), relay.peers()?, None)),
+            Wanted::Hash(hash) => Err(Failure::NotHeld {
+                what: format!("content {hash} (this relay keeps no index to find it by)"),
+            }),
+        };
+    };
+    let what = match wanted {
+        Wanted::Name(name) => format!("{name:?}"),
+        Wanted::Hash(hash) => format!("content {hash}"),
+    };
+    // Versions (name, size, hash) with their holder counts, most held first.
+    let mut versions: Vec<(&FileName, u64, ContentHash, u64)> = Vec::new();
+    for h in &holders {
+        if !versions
+            .iter()
+            .any(|v| (v.0, v.1, v.2) == (&h.name, h.size, h.hash))
+        {
+            versions.push((&h.name, h.size, h.hash, h.holders));
+        }
+    }
+    versions.sort_by_key(|v| std::cmp::Reverse(v.3));
+    let Some(&(name, size, hash, count)) = versions.first() else {
+        return Err(Failure::NotHeld { what });
+    };
+    if versions.len() > 1 {
+        let others: Vec<String> = versions[1..]
+            .iter()
+            .map(|(n, s, h, c)| format!("{n:?} {s} bytes {} held by {c}", &h.to_hex()[..12]))
+            .collect();
+        eprintln!(
+            "{what}: {} versions; taking {name:?} {size} bytes {} held by {count} peers (others: {})",
+            versions.len(),
+            &hash.to_hex()[..12],
+            others.join(", ")
+        );
+    }
+    let peers = holders
+        .iter()
+        .filter(|h| (&h.name, h.size, h.hash) == (name, size, hash))
+        .map(|h| h.addr)
+        .collect();
+    Ok((name.clone(), peers, Some(hash)))
+}
+
 fn get(
     relay: &Relay,
     limits: Limits,
-    name: &FileName,
+    wanted: Wanted,
     output: Option<PathBuf>,
 ) -> Result<(), Failure> {
-    let peers = relay.peers()?;
+    let (name, peers, expect) = sources(relay, &wanted)?;
+    let name = &name;
     let mut bar = Bar::new(output.is_none());
     let mut fetcher = Fetcher {
         timeout: relay.timeout,
         limits,
+        expect,
         note: &mut bar.printer(),
         progress: &mut bar,
     };

@@ -33,18 +33,30 @@ pub fn peers(out: &mut impl Write, peers: &[PeerAddr], format: Format) -> io::Re
     out.flush()
 }
 
-/// One line per file: size, number of peers, name; or
-/// `{"name":"NAME","size":BYTES,"peers":N}`.
-pub fn files(out: &mut impl Write, files: &[Listed], format: Format) -> io::Result<()> {
+/// One line per file (per version of a name): size, number of peers,
+/// with `long` the hash, and name; or
+/// `{"name":"NAME","size":BYTES,"peers":N,"hash":"HEX"}` (hash when known).
+pub fn files(out: &mut impl Write, files: &[Listed], format: Format, long: bool) -> io::Result<()> {
     for file in files {
         match format {
+            Format::Text if long => {
+                let hash = file.hash.map_or("-".repeat(64), |h| h.to_hex().to_string());
+                writeln!(
+                    out,
+                    "{:>12} {:>3} {hash} {}",
+                    file.size, file.peers, file.name
+                )?
+            }
             Format::Text => writeln!(out, "{:>12} {:>3} {}", file.size, file.peers, file.name)?,
             Format::Json => {
-                let line = json!({
+                let mut line = json!({
                     "name": file.name.as_str(),
                     "size": file.size,
                     "peers": file.peers,
                 });
+                if let Some(hash) = file.hash {
+                    line["hash"] = hash.to_hex().to_string().into();
+                }
                 writeln!(out, "{line}")?
             }
         }

@@ -32,18 +32,22 @@ fn big_content(len: usize) -> Vec<u8> {
 #[test]
 fn a_killed_peer_is_skipped_with_a_reason() {
     let a = folder_with(&[("a.txt", b"from a\n")]);
-    let b = folder_with(&[]);
-    let net = Network::start_processes(&[a.path(), b.path()]);
+    let b = folder_with(&[("a.txt", b"from a\n"), ("b-only.txt", b"b\n")]);
+    let mut net = Network::start_processes(&[a.path(), b.path()]);
+    eventually("both are indexed", || {
+        stdout(&net.client(&["ls"])).contains("b-only.txt")
+    });
     let dead = net.peers[1].addr;
     net.peers[1].signal("KILL");
+    net.peers[1].wait_exit();
 
-    // Whatever order the relay gives, the file arrives.
+    // Whatever order the index gives the holders, the file arrives.
     let out = net.client(&["get", "a.txt"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from a\n");
-    // Asking every peer shows the dead one skipped, and why; since it
-    // might have had the file, that is a network failure, not "not found".
-    let out = net.client(&["get", "nowhere.txt"]);
+    // The only holder is dead (and listed until its TTL): skipped, with
+    // the reason, and a network failure, worth a retry, not "not found".
+    let out = net.client(&["get", "b-only.txt"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
@@ -52,7 +56,7 @@ fn a_killed_peer_is_skipped_with_a_reason() {
     );
     assert!(
         err.contains(&format!(
-            "not found on 1 of 2 peers, and the others could not be asked ({dead}: connection refused)"
+            "no peer could serve it ({dead}: connection refused)"
         )),
         "{err}"
     );
@@ -61,13 +65,16 @@ fn a_killed_peer_is_skipped_with_a_reason() {
 #[test]
 fn a_frozen_peer_is_skipped_after_the_timeout() {
     let a = folder_with(&[("a.txt", b"from a\n")]);
-    let b = folder_with(&[]);
+    let b = folder_with(&[("a.txt", b"from a\n"), ("b-only.txt", b"b\n")]);
     let net = Network::start_processes(&[a.path(), b.path()]);
+    eventually("both are indexed", || {
+        stdout(&net.client(&["ls"])).contains("b-only.txt")
+    });
     let frozen = net.peers[1].addr;
     net.peers[1].signal("STOP");
 
     let started = Instant::now();
-    let out = net.client(&["--timeout", "1", "get", "nowhere.txt"]);
+    let out = net.client(&["--timeout", "1", "get", "b-only.txt"]);
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "took {:?}",
@@ -244,8 +251,10 @@ fn a_transfer_cut_off_half_way_resumes_from_another_peer() {
     assert!(!line.contains("from 0:"), "{line}");
 }
 
-/// A fake peer that answers every request with `reply`, registered with `relay`.
-fn liar(relay: SocketAddr, reply: Vec<u8>) -> SocketAddr {
+/// A fake peer that answers every request with `reply`, and tells `relay`
+/// it holds `names` with the size and hash of that reply's header.
+fn liar(relay: SocketAddr, reply: Vec<u8>, names: &[&str]) -> SocketAddr {
+    let (size, hash) = header_of(&reply);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
@@ -256,16 +265,46 @@ fn liar(relay: SocketAddr, reply: Vec<u8>) -> SocketAddr {
             let _ = stream.write_all(&reply);
         }
     });
-    let reply = raw_exchange(
-        relay,
-        format!("RP2P/1 REGISTER {}\n", addr.port()).as_bytes(),
-    );
-    assert!(reply.starts_with(b"REGISTERED"));
+    offer(relay, addr.port(), names, size, hash);
     addr
 }
 
-/// A relay of the test's own that lists `peers` in this order, every time.
-fn relay_listing(peers: Vec<SocketAddr>) -> SocketAddr {
+/// Tells `relay` that the peer at `port` holds `names`, each of `size`
+/// bytes with `hash`, as a peer's announcement does.
+fn offer(relay: SocketAddr, port: u16, names: &[&str], size: u64, hash: blake3::Hash) {
+    use protocol::index::{write_offer_body, Holding, ListDigest};
+    let mut files: Vec<Holding> = names
+        .iter()
+        .map(|name| Holding {
+            name: protocol::FileName::new(name).unwrap(),
+            size,
+            hash,
+        })
+        .collect();
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut request = format!("RP2P/1 OFFER {port} {}\n", ListDigest::of(&files)).into_bytes();
+    write_offer_body(&mut request, &files).unwrap();
+    let reply = raw_exchange(relay, &request);
+    assert!(
+        reply.starts_with(b"INDEXED"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
+/// The size and hash a fake peer's `FILE` header announces.
+fn header_of(reply: &[u8]) -> (u64, blake3::Hash) {
+    let line = String::from_utf8_lossy(reply.split(|&b| b == b'\n').next().unwrap()).into_owned();
+    let words: Vec<&str> = line.split(' ').collect();
+    (
+        words[1].parse().unwrap(),
+        blake3::Hash::from_hex(words[2]).unwrap(),
+    )
+}
+
+/// A relay of the test's own that keeps no index, as one older than the
+/// index: it lists `peers` and refuses every other request as unknown.
+fn old_relay(peers: Vec<SocketAddr>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
@@ -273,9 +312,36 @@ fn relay_listing(peers: Vec<SocketAddr>) -> SocketAddr {
             let Ok(mut stream) = stream else { continue };
             let mut line = String::new();
             let _ = BufReader::new(&stream).read_line(&mut line);
-            let mut reply = format!("PEERS {}\n", peers.len());
-            for peer in &peers {
-                reply.push_str(&format!("{peer}\n"));
+            let verb = line.split(' ').nth(1).unwrap_or("").trim_end().to_string();
+            let reply = if verb == "PEERS" {
+                let mut reply = format!("PEERS {}\n", peers.len());
+                for peer in &peers {
+                    reply.push_str(&format!("{peer}\n"));
+                }
+                reply
+            } else {
+                format!("ERR bad-request unknown command \"{verb}\"\n")
+            };
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    addr
+}
+
+/// A relay of the test's own that names `holders` (address, size, hash)
+/// as the holders of whatever name it is asked for, in this order, every time.
+fn relay_listing(holders: Vec<(SocketAddr, u64, blake3::Hash)>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            let name = line.trim_end().rsplit(' ').next().unwrap_or("").to_string();
+            let mut reply = format!("HOLDERS {}\n", holders.len());
+            for (peer, size, hash) in &holders {
+                reply.push_str(&format!("{peer} {size} {hash} {} {name}\n", holders.len()));
             }
             let _ = stream.write_all(reply.as_bytes());
         }
@@ -290,9 +356,10 @@ fn corrupt_content_is_discarded_and_fetched_again_elsewhere() {
     let net = Network::start(&[good.path()]);
     let mut lie = format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
     lie.extend_from_slice(b"the FAKE content\n");
-    let liar = liar(net.relay.addr, lie);
+    let liar = liar(net.relay.addr, lie, &["f.txt"]);
     // The liar first, always.
-    let relay = relay_listing(vec![liar, net.peers[0].addr]);
+    let (size, hash) = (content.len() as u64, blake3::hash(content));
+    let relay = relay_listing(vec![(liar, size, hash), (net.peers[0].addr, size, hash)]);
 
     let dest_dir = tempfile::tempdir().unwrap();
     let dest = dest_dir.path().join("f.txt");
@@ -317,10 +384,7 @@ fn a_failed_fetch_leaves_an_existing_file_alone() {
     let size = 1000;
     let mut lie = format!("FILE {size} {}\n", blake3::hash(b"x")).into_bytes();
     lie.extend_from_slice(&[b'x'; 300]);
-    liar(net.relay.addr, lie);
-    eventually("the liar is listed", || {
-        live_peers(net.relay.addr).len() == 1
-    });
+    liar(net.relay.addr, lie, &["cut.bin", "nowhere.txt"]);
 
     let dest_dir = tempfile::tempdir().unwrap();
     let dest = dest_dir.path().join("keep.txt");
@@ -343,14 +407,20 @@ fn a_failed_fetch_leaves_an_existing_file_alone() {
 }
 
 #[test]
-fn frozen_peers_cost_ls_one_timeout_in_all() {
+fn frozen_peers_cost_ls_one_timeout_in_all_without_an_index() {
     let dirs: Vec<_> = (0..4).map(|_| folder_with(&[("x.txt", b"x")])).collect();
     let net = Network::start_processes(&dirs.iter().map(|d| d.path()).collect::<Vec<_>>());
     for peer in &net.peers[1..] {
         peer.signal("STOP");
     }
-    let started = Instant::now();
+    // With the index, ls asks no peer: complete, and at once.
     let out = net.client(&["--timeout", "1", "ls"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("   4 x.txt"), "{}", stdout(&out));
+    // A relay without one makes the client ask the peers themselves.
+    let relay = old_relay(net.peers.iter().map(|p| p.addr).collect());
+    let started = Instant::now();
+    let out = client(relay, &["--timeout", "1", "ls"], "");
     // One at a time, three frozen peers would take three seconds.
     assert!(
         started.elapsed() < Duration::from_millis(2500),
@@ -453,11 +523,13 @@ fn stalling_peer(relay: SocketAddr, size: usize, sent: usize) -> SocketAddr {
             });
         }
     });
-    let reply = raw_exchange(
+    offer(
         relay,
-        format!("RP2P/1 REGISTER {}\n", addr.port()).as_bytes(),
+        addr.port(),
+        &["f.bin"],
+        size as u64,
+        blake3::hash(b"whatever"),
     );
-    assert!(reply.starts_with(b"REGISTERED"));
     addr
 }
 
@@ -499,7 +571,7 @@ fn a_peer_announcing_more_than_the_disk_holds_writes_nothing() {
     let relay = Server::relay_here(|_| {});
     let mut lie = format!("FILE {} {}\n", 1u64 << 62, blake3::hash(b"x")).into_bytes();
     lie.extend(std::iter::repeat_n(b'x', 1 << 16));
-    liar(relay.addr, lie);
+    liar(relay.addr, lie, &["huge.bin"]);
     let dest_dir = tempfile::tempdir().unwrap();
     let dest = dest_dir.path().join("huge.bin");
     let out = client(

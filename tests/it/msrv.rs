@@ -16,7 +16,10 @@ fn rust_version_covers_every_locked_dependency() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // This machine's platform only: the others' dependencies (kqueue on
     // macOS, say) need not be downloaded, and do not build here anyway.
-    let rustc = Command::new("rustc").arg("-vV").output().expect("run rustc");
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("run rustc");
     let host = String::from_utf8_lossy(&rustc.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("host: ").map(str::to_string))

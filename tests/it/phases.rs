@@ -53,7 +53,7 @@ fn a_missing_file_is_reported_with_exit_code_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert!(
-        stderr(&out).contains("\"nowhere.txt\" not found on any of 3 peers"),
+        stderr(&out).contains("\"nowhere.txt\" not found: no live holder in the relay's index"),
         "{}",
         stderr(&out)
     );
@@ -74,7 +74,7 @@ fn the_interactive_client_fetches_name_after_name() {
     let err = stderr(&out);
     assert!(err.contains("3 live peers"), "{err}");
     assert!(
-        err.contains("\"nowhere.txt\" not found on any of 3 peers"),
+        err.contains("\"nowhere.txt\" not found: no live holder in the relay's index"),
         "{err}"
     );
 }
@@ -163,7 +163,11 @@ fn with_no_peers_a_fetch_says_so() {
     let relay = Server::relay(&[]);
     let out = client(relay.addr, &["get", "x.txt"], "");
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("no live peers"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("\"x.txt\" not found: no live holder"),
+        "{}",
+        stderr(&out)
+    );
     let out = client(relay.addr, &["peers"], "");
     assert!(out.status.success());
     assert!(out.stdout.is_empty());

@@ -75,7 +75,7 @@ fn two_peers_with(
 }
 
 #[test]
-fn ls_merges_the_peers_lists_and_filters_by_substring() {
+fn ls_lists_the_network_and_filters_by_glob() {
     let (_a, _b, net) = two_peers();
     let out = net.client(&["ls"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -94,12 +94,32 @@ fn ls_merges_the_peers_lists_and_filters_by_substring() {
         expected.map(|r| r.map(str::to_string).to_vec()).to_vec()
     );
 
-    let out = net.client(&["ls", "ta"]);
+    let out = net.client(&["ls", "*ta.txt"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
     assert!(stdout(&out).ends_with(" beta.txt\n"), "{}", stdout(&out));
+    // `*` stays within a folder, `**` crosses folders.
+    let out = net.client(&["ls", "*.txt"]);
+    assert_eq!(stdout(&out).lines().count(), 3, "{}", stdout(&out));
+    let out = net.client(&["ls", "**/*.txt"]);
+    assert_eq!(stdout(&out).lines().count(), 4, "{}", stdout(&out));
+    let out = net.client(&["ls", "docs/**"]);
+    assert!(
+        stdout(&out).ends_with(" docs/guide.txt\n"),
+        "{}",
+        stdout(&out)
+    );
     let out = net.client(&["ls", "nothing-matches"]);
     assert!(out.status.success() && out.stdout.is_empty());
+    // --long adds the hash.
+    let out = net.client(&["ls", "--long", "shared.txt"]);
+    let hash = blake3::hash(b"same on both\n").to_hex().to_string();
+    assert_eq!(
+        stdout(&out),
+        format!("          13   2 {hash} shared.txt\n")
+    );
+    let out = net.client(&["ls", "[unclosed"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 
 #[test]
@@ -114,12 +134,22 @@ fn json_lines_have_the_documented_shapes() {
         let object = file.as_object().expect("an object per line");
         assert_eq!(
             object.keys().collect::<BTreeSet<_>>(),
-            BTreeSet::from([&"name".into(), &"peers".into(), &"size".into()])
+            BTreeSet::from([
+                &"name".into(),
+                &"peers".into(),
+                &"size".into(),
+                &"hash".into()
+            ])
         );
     }
     assert_eq!(
         files[3],
-        serde_json::json!({"name": "shared.txt", "size": 13, "peers": 2})
+        serde_json::json!({
+            "name": "shared.txt",
+            "size": 13,
+            "peers": 2,
+            "hash": blake3::hash(b"same on both\n").to_hex().to_string(),
+        })
     );
 
     let out = net.client(&["peers", "--json"]);
@@ -202,6 +232,7 @@ fn settings_come_from_the_environment() {
     eventually("the relay logs its ttl", || relay.log().contains("ttl 1s"));
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     write(a.path(), "a.txt", b"a\n");
+    write(b.path(), "b.txt", b"b\n");
     let port = relay.port();
     let env = [
         ("PEER_RELAY_HOST", "127.0.0.1"),
@@ -224,20 +255,22 @@ fn settings_come_from_the_environment() {
     // peer is given up on after PEER_CLIENT_TIMEOUT, not the default 10 s.
     let net = Network::start_processes(&[a.path(), b.path()]);
     let stopped = &net.peers[1];
-    stopped.signal("STOP");
     let port = net.relay.port();
     let env = [
         ("PEER_CLIENT_RELAY_HOST", "127.0.0.1"),
         ("PEER_CLIENT_RELAY_PORT", port.as_str()),
         ("PEER_CLIENT_TIMEOUT", "1"),
     ];
+    eventually("b.txt is indexed", || {
+        stdout(&client_with_env(&["ls"], &env)).contains("b.txt")
+    });
+    stopped.signal("STOP");
     let started = Instant::now();
-    let out = client_with_env(&["ls"], &env);
+    let out = client_with_env(&["get", "b.txt"], &env);
     let took = started.elapsed();
     stopped.signal("CONT");
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).ends_with(" a.txt\n"), "{}", stdout(&out));
-    // Peers that fail are reported on stderr, not fatal.
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    // The peer that fails is reported on stderr.
     assert!(
         stderr(&out).contains(&format!("peer {}: timed out", stopped.addr)),
         "{}",
