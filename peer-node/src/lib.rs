@@ -48,6 +48,9 @@ pub struct Config {
     pub timeout: Duration,
     /// How long transfers in flight may go on after a stop.
     pub grace: Duration,
+    /// Watch the folder and announce changes at once (otherwise the
+    /// rescan at each heartbeat finds them).
+    pub watch: bool,
     /// Serve files with more than one hard link (another link may be
     /// outside the folder, which no check can see).
     pub allow_hardlinks: bool,
@@ -67,6 +70,7 @@ impl Config {
             timeout: Duration::from_secs(10),
             grace: Duration::from_secs(5),
             allow_hardlinks: false,
+            watch: true,
         }
     }
 }
@@ -160,10 +164,11 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         config.timeout,
         Arc::clone(&peer),
     ));
-    let watcher = {
+    let watcher = config.watch.then(|| {
         let announcer = Arc::clone(&announcer);
         watch::folder(peer.library.root(), move || announcer.wake.nudge())
-    };
+    });
+    let watcher = watcher.flatten();
     let heartbeat = {
         let (announcer, shutdown) = (Arc::clone(&announcer), Arc::clone(&shutdown));
         spawn_thread("heartbeat", move || announcer.run(&shutdown))?

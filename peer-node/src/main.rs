@@ -49,6 +49,10 @@ struct Args {
     /// default: another link to such a file may be outside the folder)
     #[arg(long, env = "PEER_ALLOW_HARDLINKS", value_parser = FalseyValueParser::new())]
     allow_hardlinks: bool,
+    /// Do not watch the folder for changes; find them by rescanning it at
+    /// each heartbeat instead
+    #[arg(long, env = "PEER_NO_WATCH", value_parser = FalseyValueParser::new())]
+    no_watch: bool,
     /// More log output (debug); RUST_LOG overrides
     #[arg(short, long, env = "PEER_VERBOSE", value_parser = FalseyValueParser::new())]
     verbose: bool,
@@ -78,6 +82,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         timeout: Duration::from_secs(args.timeout),
         grace: Duration::from_secs(5),
         allow_hardlinks: args.allow_hardlinks,
+        watch: !args.no_watch,
     })?;
     cli::serve_until_signal(node).map_err(anyhow::Error::msg)
 }

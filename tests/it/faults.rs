@@ -606,3 +606,21 @@ fn a_peer_announcing_more_than_the_disk_holds_writes_nothing() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_holder_that_deleted_the_file_since_is_skipped() {
+    let content = b"still on b\n";
+    let a = folder_with(&[("f.txt", content)]);
+    let b = folder_with(&[("f.txt", content)]);
+    let net = Network::start(&[a.path(), b.path()]);
+    fs::remove_file(a.path().join("f.txt")).unwrap();
+    // The index may still name a; a relay that names it first, always.
+    let (size, hash) = (content.len() as u64, blake3::hash(content));
+    let relay = relay_listing(vec![
+        (net.peers[0].addr, size, hash),
+        (net.peers[1].addr, size, hash),
+    ]);
+    let out = client(relay, &["get", "f.txt"], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, content);
+}

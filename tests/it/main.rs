@@ -5,6 +5,7 @@ mod cli;
 mod faults;
 mod harness;
 mod hostile;
+mod index;
 mod msrv;
 mod paths;
 mod phases;
