@@ -65,8 +65,8 @@ pub struct Args {
     command: Option<Command>,
 }
 
-const EXIT_CODES: &str = "Exit codes: 0 success, 1 not found (every live peer answered that it \
-does not have the file, or none is live), 2 usage error, 3 network error (relay or a peer \
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 not found (no live holder in the relay's index; \
+without an index, every live peer answered that it does not have the file), 2 usage error, 3 network error (relay or a peer \
 unreachable, busy or refusing, transfer failed: worth a retry), 4 local error (cannot write the output, file over --max-size or the free space), 130 interrupted (SIGINT), 143 terminated (SIGTERM)";
 
 #[derive(Subcommand)]
