@@ -25,7 +25,7 @@ use protocol::FileName;
 pub use crate::failure::Failure;
 use crate::{
     discover::Relay,
-    fetch::{FetchError, Fetcher, Limits},
+    fetch::{FetchError, Fetcher, Limits, Options},
     print::Format,
     progress::Bar,
     save::{FileSink, StdoutSink},
@@ -80,6 +80,9 @@ enum Command {
         /// file appears only once complete and verified
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Fetch from at most this many holders at once
+        #[arg(short = 'j', long = "sources", value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=fetch::MAX_SOURCES as u64))]
+        sources: u64,
     },
     /// Print the live peers, one IP:PORT per line
     Peers {
@@ -137,7 +140,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
     };
     match args.command {
         None => interactive::run(&relay, limits),
-        Some(Command::Get { name, output }) => get(&relay, limits, &name, output),
+        Some(Command::Get {
+            name,
+            output,
+            sources,
+        }) => {
+            let options = Options {
+                sources: sources as usize,
+            };
+            get(&relay, limits, &name, output, options)
+        }
         Some(Command::Peers { json }) => {
             let peers = relay.peers()?;
             stdout(print::peers(&mut io::stdout(), &peers, format(json)))
@@ -179,6 +191,7 @@ fn get(
     limits: Limits,
     name: &FileName,
     output: Option<PathBuf>,
+    options: Options,
 ) -> Result<(), Failure> {
     let peers = relay.peers()?;
     let mut bar = Bar::new(output.is_none());
@@ -189,7 +202,7 @@ fn get(
         progress: &mut bar,
     };
     match output {
-        None => match fetcher.fetch(&peers, name, &mut StdoutSink::new()) {
+        None => match fetcher.fetch_with(&peers, name, &mut StdoutSink::new(), options) {
             // The reader went away (`| head`): not a failure, as for cat.
             Err(FetchError::Output { source, .. })
                 if source.kind() == io::ErrorKind::BrokenPipe => {}
@@ -199,13 +212,18 @@ fn get(
         },
         Some(path) => {
             let mut sink = FileSink::create(&path, name)?;
-            let fetched = fetcher.fetch(&peers, name, &mut sink)?;
+            let fetched = fetcher.fetch_with(&peers, name, &mut sink, options)?;
             let dest = sink.commit()?;
+            let from: Vec<String> = fetched.from.iter().map(|(p, _)| p.to_string()).collect();
             eprintln!(
                 "saved {} ({} bytes, from {})",
                 dest.display(),
                 fetched.size,
-                fetched.peer
+                if from.is_empty() {
+                    fetched.peer.to_string()
+                } else {
+                    from.join(", ")
+                }
             );
         }
     }
