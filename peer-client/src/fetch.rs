@@ -1,36 +1,69 @@
-//! Phase 3: ask the peers one at a time for a file until one delivers it
-//! whole and verified. A transfer that breaks resumes from the next peer that
-//! has the same content (same size and hash), at the byte where it stopped.
+//! Phase 3: fetch a file from the peers that hold it, verified as it
+//! arrives, from several of them at once.
+//!
+//! Every live peer is asked for the file's size and hash (`HEAD`, all at
+//! once); the holders of the first version found, in the relay's order,
+//! become the sources, at most `Options::sources` of them. The file is cut
+//! into pieces, and each source takes the next piece nobody has taken (so
+//! a faster source takes more of them), asks for it with `RANGE`, checks
+//! the proof against the hash before any byte, then every 16 KiB chunk
+//! group as it arrives. Verified groups go to the file at their offset
+//! (`-o`), or to stdout in order through a bounded reorder buffer. A source
+//! that fails (refuses, breaks off, is slower than `--speed-limit`, sends a
+//! group or a proof that does not check out) is dropped at once and its
+//! piece goes back to the others, from the last verified byte. When no
+//! piece is left to take, an idle source joins a piece still being fetched
+//! (endgame): whichever delivers a group first wins it.
 
 use std::{
+    collections::BTreeMap,
+    fs::File,
     io::{self, Read},
+    sync::{mpsc, Condvar, Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
 };
 
 use netkit::call::{Call, CallError, Phase};
 use protocol::{
-    peer::{FileHeader, Request, Response},
+    peer::{proof, FileHeader, Request, Response, CHANGED},
     ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
 };
 
 /// Longest pause before asking busy peers again.
 const MAX_PAUSE: Duration = Duration::from_secs(4);
 
-/// Read buffer for content: big enough that hashing and writing work on
-/// large slices, allocated once per fetch (the connection's own buffer is
-/// bypassed for reads this big).
-const CHUNK: usize = 1 << 20;
+/// Content read, verified and written at a time by one source: whole
+/// chunk groups, few enough that they are still in the cache when they
+/// are hashed and then written.
+const BATCH: usize = 512 << 10;
+
+/// Most peers asked for a file's size and hash at once.
+const MAX_PROBES: usize = 64;
+
+/// Most sources of one fetch.
+pub const MAX_SOURCES: usize = 32;
+
+/// Piece size with one source: few connections, proofs of 256 KiB.
+const SOLO_PIECE: u64 = 64 << 20;
+/// Piece size with several: small enough to balance fast and slow sources.
+const SHARED_PIECE: u64 = 4 << 20;
+/// How far ahead of what stdout has taken pieces may be fetched: the most
+/// the reorder buffer holds, whatever the number of sources.
+const WINDOW: u64 = 32 << 20;
 
 /// Where fetched bytes go.
-pub trait Sink {
+pub trait Sink: Send {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
-    /// Throws away everything written so far, so that the fetch can start
-    /// over with other content; false where that is impossible (stdout).
-    fn restart(&mut self) -> io::Result<bool>;
     /// Bytes that can still be written, where that is known (a file
     /// system's free space); `None` where it is not (a pipe, a device).
     fn room(&self) -> Option<u64> {
+        None
+    }
+    /// A handle to write at any offset, where the output is a file that
+    /// can take pieces out of order; `None` where content must come in
+    /// order (stdout, a FIFO).
+    fn positional(&mut self) -> Option<File> {
         None
     }
 }
@@ -58,6 +91,19 @@ impl Default for Limits {
     }
 }
 
+/// How a fetch is spread; [`Fetcher::fetch`] uses the defaults.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Most holders fetched from at once.
+    pub sources: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { sources: 4 }
+    }
+}
+
 /// Hooks for progress display; the default does nothing.
 pub trait Progress {
     fn start(&mut self, _size: u64, _already: u64) {}
@@ -70,8 +116,11 @@ impl Progress for () {}
 /// A successful fetch.
 #[derive(Debug)]
 pub struct Fetched {
+    /// The source that delivered the most.
     pub peer: PeerAddr,
     pub size: u64,
+    /// Every source that delivered verified bytes, with how many.
+    pub from: Vec<(PeerAddr, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,40 +145,19 @@ impl FetchError {
     }
 }
 
-/// What has arrived so far, carried from one peer to the next.
-struct Partial {
+/// One version of a file: what a holder announces and the sources share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Version {
     size: u64,
     hash: ContentHash,
-    received: u64,
-    hasher: blake3::Hasher,
 }
 
-impl Partial {
-    fn new(header: FileHeader) -> Self {
-        Partial {
-            size: header.size,
-            hash: header.hash,
-            received: 0,
-            hasher: blake3::Hasher::new(),
-        }
-    }
-}
-
-/// How one attempt at one peer ended.
-enum Attempt {
-    Done(Fetched),
-    /// The peer does not have the file.
+/// What a peer answered to `HEAD`.
+enum Probe {
+    Holds(Version),
     Missing,
-    /// The peer could not be asked, or refused; the error says which.
-    Skipped(CallError),
-    /// The peer asks to be asked again later.
     Busy(String),
-    /// The peer has the file but did not deliver all of it.
-    Broke(String),
-    /// The peer has other content under that name than what already arrived.
-    OtherVersion,
-    /// The peer announces a size over `--max-size` or the free space.
-    TooBig(String),
+    Skipped(String),
 }
 
 pub struct Fetcher<'a> {
@@ -143,137 +171,160 @@ pub struct Fetcher<'a> {
     pub progress: &'a mut dyn Progress,
 }
 
+/// What the sources report to the fetch's own thread, which alone talks
+/// to the user.
+enum Event {
+    Note(String),
+    Bytes(u64),
+}
+
 impl Fetcher<'_> {
+    /// Fetches `name` from the holders among `peers` with the default
+    /// [`Options`]: the same as [`Fetcher::fetch_with`].
     pub fn fetch(
         &mut self,
         peers: &[PeerAddr],
         name: &FileName,
         sink: &mut dyn Sink,
     ) -> Result<Fetched, FetchError> {
+        self.fetch_with(peers, name, sink, Options::default())
+    }
+
+    /// Fetches `name` from the holders among `peers` (the relay's order:
+    /// the first holder's version is the one fetched), from up to
+    /// `options.sources` of them at once, into `sink`.
+    pub fn fetch_with(
+        &mut self,
+        peers: &[PeerAddr],
+        name: &FileName,
+        sink: &mut dyn Sink,
+        options: Options,
+    ) -> Result<Fetched, FetchError> {
         if peers.is_empty() {
             return Err(FetchError::NoPeers(name.to_string()));
         }
-        let mut partial: Option<Partial> = None;
-        let mut buf = vec![0; CHUNK];
-        let (mut missing, mut skipped, mut offered, mut too_big) = (0, Vec::new(), false, 0);
-        // Peers that answered `busy` are asked again after the others, with
-        // growing pauses, for up to the timeout.
-        let mut round = peers.to_vec();
-        let (mut pause, mut give_up) = (Duration::from_millis(250), None);
-        while !round.is_empty() {
-            let mut busy = Vec::new();
-            for peer in round {
-                let mut retried = false;
-                loop {
-                    let attempt = self.attempt(peer, name, &mut partial, sink, &mut buf)?;
-                    offered |= matches!(attempt, Attempt::Broke(_) | Attempt::OtherVersion);
-                    match attempt {
-                        Attempt::Done(fetched) => {
-                            self.progress.finish();
-                            return Ok(fetched);
-                        }
-                        Attempt::Missing => missing += 1,
-                        Attempt::Busy(why) => busy.push((peer, why)),
-                        Attempt::Skipped(why) => self.skip(&mut skipped, peer, &why),
-                        Attempt::Broke(why) => self.skip(&mut skipped, peer, &why),
-                        Attempt::TooBig(why) => {
-                            too_big += 1;
-                            self.skip(&mut skipped, peer, &why);
-                        }
-                        Attempt::OtherVersion if !retried && restart(sink, name)? => {
-                            (self.note)(&format!(
-                                "peer {peer}: has another version of {name:?}; starting over from it"
-                            ));
-                            partial = None;
-                            retried = true;
-                            continue;
-                        }
-                        Attempt::OtherVersion => {
-                            (self.note)(&format!(
-                                "peer {peer}: has another version of {name:?}; skipped"
-                            ));
-                            skipped.push(format!("{peer}: another version"));
-                        }
+        let peers = &peers[..peers.len().min(MAX_PROBES)];
+        let probes = self.probe_all(peers, name);
+        let mut skipped = Vec::new();
+        let (mut missing, mut too_big, mut chosen) = (0, 0, None);
+        for (peer, probe) in peers.iter().zip(&probes) {
+            match probe {
+                Probe::Missing => missing += 1,
+                Probe::Busy(why) | Probe::Skipped(why) => skipped.push(format!("{peer}: {why}")),
+                Probe::Holds(version) if self.expect.is_some_and(|want| want != version.hash) => {
+                    let why = format!(
+                        "has other content under that name now ({}, not the one wanted)",
+                        version.hash
+                    );
+                    self.skip(&mut skipped, *peer, &why);
+                }
+                Probe::Holds(version) if chosen.is_some_and(|c| c != *version) => {}
+                Probe::Holds(version) => match self.too_big(version, sink) {
+                    Some(why) => {
+                        too_big += 1;
+                        self.skip(&mut skipped, *peer, &why);
                     }
-                    break;
-                }
+                    None => chosen = Some(*version),
+                },
             }
-            let give_up = *give_up.get_or_insert_with(|| Instant::now() + self.timeout);
-            if !busy.is_empty() && Instant::now() + pause > give_up {
-                for (peer, why) in busy.drain(..) {
-                    (self.note)(&format!("peer {peer}: {why}; giving up"));
-                    skipped.push(format!("{peer}: {why}"));
-                }
-            }
-            if !busy.is_empty() {
-                let (first, why) = &busy[0];
-                (self.note)(&format!(
-                    "peer {first}: {why}; asking {} busy peer(s) again in {pause:.1?}",
-                    busy.len()
-                ));
-                thread::sleep(pause);
-                pause = (pause * 2).min(MAX_PAUSE);
-            }
-            round = busy.into_iter().map(|(peer, _)| peer).collect();
         }
-        self.progress.finish();
-        if !offered && too_big > 0 && too_big == skipped.len() {
-            // Asking again will not help: this side's limit is the obstacle.
-            return Err(FetchError::TooBig {
+        let Some(version) = chosen else {
+            if too_big > 0 && too_big == skipped.len() {
+                // Asking again will not help: this side's limit is the obstacle.
+                return Err(FetchError::TooBig {
+                    name: name.to_string(),
+                    reason: skipped.join("; "),
+                });
+            }
+            if skipped.is_empty() {
+                return Err(FetchError::NotFound {
+                    name: name.to_string(),
+                    asked: peers.len(),
+                });
+            }
+            let reason = if missing > 0 {
+                // A peer that could not be asked may have it: worth a
+                // retry, so not "not found".
+                format!(
+                    "not found on {missing} of {} peers, and the others could not be asked ({})",
+                    peers.len(),
+                    skipped.join("; ")
+                )
+            } else {
+                format!("no peer could serve it ({})", skipped.join("; "))
+            };
+            return Err(FetchError::Failed {
                 name: name.to_string(),
-                reason: skipped.join("; "),
+                reason,
             });
-        }
-        if !offered && skipped.is_empty() {
-            // Every peer answered, and none has it.
-            return Err(FetchError::NotFound {
-                name: name.to_string(),
-                asked: peers.len(),
-            });
-        }
-        let reason = match &partial {
-            // A peer that could not be asked may have it: worth a retry,
-            // so not "not found".
-            _ if !offered && missing > 0 => format!(
-                "not found on {missing} of {} peers, and the others could not be asked ({})",
-                peers.len(),
-                skipped.join("; ")
-            ),
-            Some(p) if p.received > 0 => format!(
-                "transfer stopped at {} of {} bytes and no other peer could finish it ({})",
-                p.received,
-                p.size,
-                skipped.join("; ")
-            ),
-            _ => format!("no peer could serve it ({})", skipped.join("; ")),
         };
-        Err(FetchError::Failed {
-            name: name.to_string(),
-            reason,
-        })
+        let sources: Vec<PeerAddr> = peers
+            .iter()
+            .zip(&probes)
+            .filter(|(_, probe)| matches!(probe, Probe::Holds(v) if *v == version))
+            .map(|(peer, _)| *peer)
+            .take(options.sources.clamp(1, MAX_SOURCES))
+            .collect();
+        self.transfer(&sources, name, version, sink)
     }
 
-    /// Why a peer's announced size rules it out, if it does.
-    fn too_big(
-        &self,
-        header: &FileHeader,
-        partial: Option<&Partial>,
-        sink: &dyn Sink,
-    ) -> Option<String> {
-        if let Some(max) = self.limits.max_size.filter(|&max| header.size > max) {
+    /// Asks every peer at once for the file's size and hash; peers that
+    /// answer `busy` are asked again, with growing pauses, for up to the
+    /// timeout, while no peer has answered that it holds the file.
+    fn probe_all(&mut self, peers: &[PeerAddr], name: &FileName) -> Vec<Probe> {
+        let mut probes: Vec<Probe> = probe(peers, name, self.timeout);
+        let (mut pause, give_up) = (Duration::from_millis(250), Instant::now() + self.timeout);
+        loop {
+            let busy: Vec<usize> = (0..peers.len())
+                .filter(|&i| matches!(probes[i], Probe::Busy(_)))
+                .collect();
+            let holder = probes.iter().any(|p| matches!(p, Probe::Holds(_)));
+            if busy.is_empty() || holder {
+                break;
+            }
+            let Probe::Busy(why) = &probes[busy[0]] else {
+                break;
+            };
+            if Instant::now() + pause > give_up {
+                for &i in &busy {
+                    if let Probe::Busy(why) = &probes[i] {
+                        (self.note)(&format!("peer {}: {why}; giving up", peers[i]));
+                    }
+                }
+                break;
+            }
+            (self.note)(&format!(
+                "peer {}: {why}; asking {} busy peer(s) again in {pause:.1?}",
+                peers[busy[0]],
+                busy.len()
+            ));
+            thread::sleep(pause);
+            pause = (pause * 2).min(MAX_PAUSE);
+            let again: Vec<PeerAddr> = busy.iter().map(|&i| peers[i]).collect();
+            for (i, answer) in busy.into_iter().zip(probe(&again, name, self.timeout)) {
+                probes[i] = answer;
+            }
+        }
+        for (peer, probe) in peers.iter().zip(&probes) {
+            if let Probe::Skipped(why) = probe {
+                (self.note)(&format!("peer {peer}: {why}"));
+            }
+        }
+        probes
+    }
+
+    /// Why a holder's announced size rules it out, if it does.
+    fn too_big(&self, version: &Version, sink: &dyn Sink) -> Option<String> {
+        if let Some(max) = self.limits.max_size.filter(|&max| version.size > max) {
             return Some(format!(
                 "announces {} bytes, over --max-size {max}",
-                header.size
+                version.size
             ));
         }
-        let already = partial
-            .filter(|p| (p.size, p.hash) == (header.size, header.hash))
-            .map_or(0, |p| p.received);
-        let need = header.size - already;
         match sink.room() {
-            Some(room) if need > room => Some(format!(
+            Some(room) if version.size > room => Some(format!(
                 "announces {} bytes, more than the {room} bytes free where it would be saved",
-                header.size
+                version.size
             )),
             _ => None,
         }
@@ -285,19 +336,463 @@ impl Fetcher<'_> {
         skipped.push(format!("{peer}: {why}"));
     }
 
-    fn attempt(
+    /// Fetches `version` from `sources` into `sink`, each on a thread of
+    /// its own; this thread passes their notes and progress on.
+    fn transfer(
         &mut self,
-        peer: PeerAddr,
+        sources: &[PeerAddr],
         name: &FileName,
-        partial: &mut Option<Partial>,
+        version: Version,
         sink: &mut dyn Sink,
-        buf: &mut [u8],
-    ) -> Result<Attempt, FetchError> {
-        let offset = partial.as_ref().map_or(0, |p| p.received);
-        let request = Request::Get {
-            name: name.clone(),
-            offset,
+    ) -> Result<Fetched, FetchError> {
+        let positional = sink.positional();
+        let ordered = positional.is_none();
+        let piece = if sources.len() == 1 {
+            SOLO_PIECE
+        } else {
+            SHARED_PIECE
         };
+        let board = Board::new(
+            version.size,
+            piece,
+            ordered.then_some(WINDOW),
+            sink,
+            positional,
+        );
+        let job = Job {
+            name,
+            version,
+            timeout: self.timeout,
+            limits: self.limits,
+            board: &board,
+        };
+        self.progress.start(version.size, 0);
+        let (events, inbox) = mpsc::channel();
+        let outcomes: Vec<(PeerAddr, Outcome)> = thread::scope(|scope| {
+            let workers: Vec<_> = sources
+                .iter()
+                .map(|&peer| {
+                    let (job, events) = (&job, events.clone());
+                    (peer, scope.spawn(move || job.run(peer, &events)))
+                })
+                .collect();
+            drop(events);
+            // Ends when every source has ended and dropped its sender.
+            for event in inbox {
+                match event {
+                    Event::Note(line) => (self.note)(&line),
+                    Event::Bytes(n) => self.progress.advance(n),
+                }
+            }
+            workers
+                .into_iter()
+                .map(|(peer, worker)| {
+                    let outcome = worker.join().unwrap_or(Outcome {
+                        delivered: 0,
+                        dropped: Some("its thread failed".into()),
+                    });
+                    (peer, outcome)
+                })
+                .collect()
+        });
+        self.progress.finish();
+        let state = board.into_state();
+        if let Some(source) = state.output {
+            return Err(FetchError::Output {
+                name: name.to_string(),
+                source,
+            });
+        }
+        let have = state.pieces.iter().map(|p| p.got - p.start).sum::<u64>();
+        if state.pieces.iter().any(|p| p.got < p.end) || (ordered && state.out < version.size) {
+            let reasons: Vec<String> = outcomes
+                .iter()
+                .filter_map(|(peer, o)| o.dropped.as_ref().map(|why| format!("{peer}: {why}")))
+                .collect();
+            let reason = if have > 0 {
+                format!(
+                    "transfer stopped at {have} of {} bytes and no other peer could finish it ({})",
+                    version.size,
+                    reasons.join("; ")
+                )
+            } else {
+                format!("no peer could serve it ({})", reasons.join("; "))
+            };
+            return Err(FetchError::Failed {
+                name: name.to_string(),
+                reason,
+            });
+        }
+        let from: Vec<(PeerAddr, u64)> = outcomes
+            .iter()
+            .filter(|(_, o)| o.delivered > 0)
+            .map(|(peer, o)| (*peer, o.delivered))
+            .collect();
+        let peer = from
+            .iter()
+            .max_by_key(|(_, n)| *n)
+            .map_or(sources[0], |(peer, _)| *peer);
+        Ok(Fetched {
+            peer,
+            size: version.size,
+            from,
+        })
+    }
+}
+
+/// Asks `peers` for the size and hash of `name`, all at once.
+fn probe(peers: &[PeerAddr], name: &FileName, timeout: Duration) -> Vec<Probe> {
+    let request = Request::Head { name: name.clone() };
+    thread::scope(|scope| {
+        let asks: Vec<_> = peers
+            .iter()
+            .map(|peer| {
+                let request = &request;
+                scope.spawn(move || {
+                    let reply = netkit::call::call(
+                        peer.socket_addr(),
+                        timeout,
+                        |w| request.write_to(w),
+                        |r| Response::read_from(r),
+                    );
+                    match reply {
+                        Ok(Response::File(FileHeader { size, hash })) => {
+                            if size == 0 && hash != blake3::hash(b"") {
+                                Probe::Skipped("announces an empty file with another hash".into())
+                            } else {
+                                // An empty file is its hash: nothing to fetch.
+                                Probe::Holds(Version { size, hash })
+                            }
+                        }
+                        Ok(Response::Error(e)) if e.code == ErrorCode::NotFound => Probe::Missing,
+                        Ok(Response::Error(e)) if e.code == ErrorCode::Busy => {
+                            Probe::Busy(format!("busy: {}", e.message))
+                        }
+                        Ok(Response::Error(e)) => Probe::Skipped(CallError::Refused(e).to_string()),
+                        Ok(other) => Probe::Skipped(
+                            CallError::BadReply(ProtocolError::UnexpectedReply(format!(
+                                "{other:?}"
+                            )))
+                            .to_string(),
+                        ),
+                        Err(e) => Probe::Skipped(e.to_string()),
+                    }
+                })
+            })
+            .collect();
+        asks.into_iter()
+            .map(|ask| {
+                ask.join()
+                    .unwrap_or_else(|_| Probe::Skipped("its thread failed".into()))
+            })
+            .collect()
+    })
+}
+
+/// One part of the file, fetched by one source (two in the endgame).
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    start: u64,
+    end: u64,
+    /// Everything before this is verified and delivered.
+    got: u64,
+    /// Sources at work on it.
+    workers: u8,
+}
+
+/// The state every source shares.
+struct State<'s> {
+    pieces: Vec<Piece>,
+    /// In order (stdout): bytes written so far.
+    out: u64,
+    /// In order: verified bytes waiting for the ones before them.
+    pending: BTreeMap<u64, Vec<u8>>,
+    /// In order: how far past `out` pieces may be taken.
+    window: Option<u64>,
+    sink: &'s mut dyn Sink,
+    positional: Option<File>,
+    /// Writing failed: every source stops.
+    output: Option<io::Error>,
+}
+
+struct Board<'s> {
+    state: Mutex<State<'s>>,
+    changed: Condvar,
+}
+
+/// What a source is to do next.
+enum Claim {
+    /// Fetch piece `index` from byte `from`.
+    Piece { index: usize, from: u64 },
+    /// Nothing to take now; pieces may come back.
+    Wait,
+    /// Nothing left to do.
+    Finished,
+}
+
+/// What became of verified bytes handed to the board.
+enum Delivered {
+    More,
+    /// The piece is complete (maybe by another source): leave it.
+    PieceDone,
+    /// Writing failed: stop.
+    Stop,
+}
+
+impl<'s> Board<'s> {
+    fn new(
+        size: u64,
+        piece: u64,
+        window: Option<u64>,
+        sink: &'s mut dyn Sink,
+        positional: Option<File>,
+    ) -> Self {
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        loop {
+            let end = (start + piece).min(size);
+            pieces.push(Piece {
+                start,
+                end,
+                got: start,
+                workers: 0,
+            });
+            if end >= size {
+                break;
+            }
+            start = end;
+        }
+        Board {
+            state: Mutex::new(State {
+                pieces,
+                out: 0,
+                pending: BTreeMap::new(),
+                window,
+                sink,
+                positional,
+                output: None,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<'s>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn into_state(self) -> State<'s> {
+        self.state.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next piece for a source: one nobody has (the first), or else,
+    /// in the endgame, one a single other source is still at.
+    fn claim(&self) -> Claim {
+        let mut state = self.lock();
+        if state.output.is_some() {
+            return Claim::Finished;
+        }
+        let limit = state
+            .window
+            .map_or(u64::MAX, |w| state.out.saturating_add(w));
+        let open = |p: &Piece| p.got < p.end && p.start < limit;
+        if let Some(index) = state.pieces.iter().position(|p| p.workers == 0 && open(p)) {
+            let piece = &mut state.pieces[index];
+            piece.workers += 1;
+            return Claim::Piece {
+                index,
+                from: piece.got,
+            };
+        }
+        if state.pieces.iter().all(|p| p.got >= p.end) {
+            return Claim::Finished;
+        }
+        if let Some(index) = state.pieces.iter().position(|p| p.workers == 1 && open(p)) {
+            let piece = &mut state.pieces[index];
+            piece.workers += 1;
+            return Claim::Piece {
+                index,
+                from: piece.got,
+            };
+        }
+        Claim::Wait
+    }
+
+    /// Waits a moment for pieces to be given back or finished.
+    fn wait(&self) {
+        let state = self.lock();
+        let _ = self
+            .changed
+            .wait_timeout(state, Duration::from_millis(100))
+            .map(|(state, _)| drop(state));
+    }
+
+    /// A source leaves piece `index` (done, failed or given up).
+    fn leave(&self, index: usize) {
+        let mut state = self.lock();
+        let piece = &mut state.pieces[index];
+        piece.workers = piece.workers.saturating_sub(1);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Hands on verified bytes of piece `index` starting at `offset`.
+    /// Bytes another source delivered already are skipped.
+    fn deliver(&self, index: usize, offset: u64, data: &[u8], delivered: &mut u64) -> Delivered {
+        let mut state = self.lock();
+        if state.output.is_some() {
+            return Delivered::Stop;
+        }
+        let piece = state.pieces[index];
+        let end = offset + data.len() as u64;
+        // Sources deliver in order from where the piece stood when they
+        // took it, so `offset <= piece.got`; anything else is not used.
+        if end <= piece.got || offset > piece.got {
+            return if piece.got >= piece.end {
+                Delivered::PieceDone
+            } else {
+                Delivered::More
+            };
+        }
+        let data = &data[(piece.got - offset) as usize..];
+        let at = piece.got;
+        let written = match &state.positional {
+            Some(file) => std::os::unix::fs::FileExt::write_all_at(file, data, at),
+            None => state.in_order(at, data),
+        };
+        if let Err(e) = written {
+            state.output = Some(e);
+            drop(state);
+            self.changed.notify_all();
+            return Delivered::Stop;
+        }
+        state.pieces[index].got += data.len() as u64;
+        *delivered += data.len() as u64;
+        let done = state.pieces[index].got >= piece.end;
+        drop(state);
+        self.changed.notify_all();
+        if done {
+            Delivered::PieceDone
+        } else {
+            Delivered::More
+        }
+    }
+}
+
+impl State<'_> {
+    /// Writes `data` (at `at`) to the sink if it is next, with whatever
+    /// waited for it; keeps it for later otherwise.
+    fn in_order(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
+        if at != self.out {
+            self.pending.insert(at, data.to_vec());
+            return Ok(());
+        }
+        self.sink.write_all(data)?;
+        self.out += data.len() as u64;
+        while let Some(next) = self.pending.remove(&self.out) {
+            self.sink.write_all(&next)?;
+            self.out += next.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+/// What every source works from.
+struct Job<'a, 's> {
+    name: &'a FileName,
+    version: Version,
+    timeout: Duration,
+    limits: Limits,
+    board: &'a Board<'s>,
+}
+
+/// How a source ended.
+struct Outcome {
+    /// Verified bytes it delivered.
+    delivered: u64,
+    /// Why it was dropped, if it was.
+    dropped: Option<String>,
+}
+
+/// How one request for one piece ended.
+enum Attempt {
+    /// The piece is complete (maybe by another source).
+    Done,
+    /// The peer is at its connection limit: ask again later.
+    Busy(String),
+    /// The source is dropped for this fetch.
+    Drop(String),
+    /// Writing failed; the fetch stops.
+    Stop,
+}
+
+impl Job<'_, '_> {
+    /// One source: takes pieces until none is left or the source fails.
+    fn run(&self, peer: PeerAddr, events: &mpsc::Sender<Event>) -> Outcome {
+        let mut outcome = Outcome {
+            delivered: 0,
+            dropped: None,
+        };
+        let (mut pause, mut busy_since) = (Duration::from_millis(50), None);
+        // Bounded: every round either finishes a piece, waits at most 100
+        // ms, or ends the source; a stuck fetch ends by the timeouts.
+        loop {
+            let (index, from) = match self.board.claim() {
+                Claim::Finished => return outcome,
+                Claim::Wait => {
+                    self.board.wait();
+                    continue;
+                }
+                Claim::Piece { index, from } => (index, from),
+            };
+            let attempt = self.fetch_piece(peer, index, from, events, &mut outcome.delivered);
+            self.board.leave(index);
+            match attempt {
+                Attempt::Done => busy_since = None,
+                Attempt::Stop => return outcome,
+                Attempt::Busy(why) => {
+                    let since = *busy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() + pause > self.timeout {
+                        return self.dropped(outcome, peer, events, format!("{why}; giving up"));
+                    }
+                    thread::sleep(pause);
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+                Attempt::Drop(why) => return self.dropped(outcome, peer, events, why),
+            }
+        }
+    }
+
+    fn dropped(
+        &self,
+        mut outcome: Outcome,
+        peer: PeerAddr,
+        events: &mpsc::Sender<Event>,
+        why: String,
+    ) -> Outcome {
+        let _ = events.send(Event::Note(format!("peer {peer}: {why}")));
+        outcome.dropped = Some(why);
+        outcome
+    }
+
+    /// Asks `peer` for piece `index` from byte `from`, and delivers what
+    /// checks out.
+    fn fetch_piece(
+        &self,
+        peer: PeerAddr,
+        index: usize,
+        from: u64,
+        events: &mpsc::Sender<Event>,
+        delivered: &mut u64,
+    ) -> Attempt {
+        let Version { size, hash } = self.version;
+        let end = self.board.lock().pieces[index].end;
+        let request = Request::Range {
+            name: self.name.clone(),
+            hash,
+            start: from,
+            end,
+        };
+        let due = proof::proof_len(size, from, end);
         // The header must arrive whole within the timeout: a peer dripping
         // it byte by byte cannot hold the client longer.
         let reply = Call::connect(peer.socket_addr(), self.timeout).and_then(|mut call| {
@@ -305,118 +800,142 @@ impl Fetcher<'_> {
             let header = call.receive(|r| Response::read_from(r))?;
             Ok((call, header))
         });
-        let (mut call, header) = match reply {
-            Ok((call, Response::File(header))) => (call, header),
-            Ok((_, Response::Error(e))) if e.code == ErrorCode::NotFound => {
-                return Ok(Attempt::Missing)
+        let mut call = match reply {
+            Ok((call, Response::Range(h))) if h.size == size && h.hash == hash => {
+                if h.proof != due {
+                    return Attempt::Drop(format!(
+                        "announces a proof of {} bytes where {due} are due",
+                        h.proof
+                    ));
+                }
+                call
+            }
+            Ok((_, Response::Range(_))) => {
+                return Attempt::Drop("answered for other content".into())
             }
             Ok((_, Response::Error(e))) if e.code == ErrorCode::Busy => {
-                return Ok(Attempt::Busy(format!("busy: {}", e.message)))
+                return Attempt::Busy(format!("busy: {}", e.message))
             }
-            // Asked to resume past the end of the peer's file: it has
-            // another, shorter version.
-            Ok((_, Response::Error(e))) if offset > 0 && e.code == ErrorCode::BadRequest => {
-                return Ok(Attempt::OtherVersion)
+            Ok((_, Response::Error(e))) if e.code.as_str() == CHANGED => {
+                return Attempt::Drop(format!("its file changed: {}", e.message))
             }
-            Ok((_, Response::Error(e))) => return Ok(Attempt::Skipped(CallError::Refused(e))),
+            Ok((_, Response::Error(e))) if e.code == ErrorCode::NotFound => {
+                return Attempt::Drop(format!("no longer has it: {}", e.message))
+            }
+            Ok((_, Response::Error(e))) => return Attempt::Drop(CallError::Refused(e).to_string()),
             Ok((_, other)) => {
-                return Ok(Attempt::Skipped(CallError::BadReply(
-                    ProtocolError::UnexpectedReply(format!("{other:?}")),
-                )))
+                return Attempt::Drop(
+                    CallError::BadReply(ProtocolError::UnexpectedReply(format!("{other:?}")))
+                        .to_string(),
+                )
             }
-            Err(e) => return Ok(Attempt::Skipped(e)),
+            Err(e) => return Attempt::Drop(e.to_string()),
         };
-        if let Some(want) = self.expect.filter(|want| *want != header.hash) {
-            return Ok(Attempt::Broke(format!(
-                "has other content under that name now ({}, not {want})",
-                header.hash
-            )));
-        }
-        if let Some(why) = self.too_big(&header, partial.as_ref(), sink) {
-            return Ok(Attempt::TooBig(why));
-        }
         let reader = call.content();
-        let p = match partial {
-            Some(p) if (p.size, p.hash) != (header.size, header.hash) => {
-                if p.received > 0 {
-                    return Ok(Attempt::OtherVersion);
-                }
-                partial.insert(Partial::new(header))
+        let broke = |at: u64, e: io::Error| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                format!("connection closed at byte {at} of {size}")
+            } else {
+                let e = CallError::Io {
+                    phase: Phase::Content,
+                    source: e,
+                };
+                format!("transfer broke at byte {at} of {size}: {e}")
             }
-            Some(p) => p,
-            None => partial.insert(Partial::new(header)),
         };
-        self.progress.start(p.size, p.received);
+        // `due` is at most 0.4% of a piece: bounded.
+        let mut proof_bytes = vec![0; due as usize];
+        if let Err(e) = reader.read_exact(&mut proof_bytes) {
+            return Attempt::Drop(broke(from, e));
+        }
+        let groups = match proof::verify_proof(size, &hash, from, end, &proof_bytes) {
+            Ok(groups) => groups,
+            Err(e) => return Attempt::Drop(format!("sent a proof that does not check out: {e}")),
+        };
+        drop(proof_bytes);
+        let mut buf = vec![0; BATCH];
         // Bytes received since `window` began, for the low-speed limit.
         let (mut window, mut in_window) = (Instant::now(), 0u64);
-        while p.received < p.size {
-            let want = (p.size - p.received).min(buf.len() as u64) as usize;
-            let n = match reader.read(&mut buf[..want]) {
-                Ok(0) => {
-                    return Ok(Attempt::Broke(format!(
-                        "connection closed at {} of {} bytes",
-                        p.received, p.size
-                    )))
+        let mut rest = &groups[..];
+        while !rest.is_empty() {
+            // Whole groups, up to a batch (at least one).
+            let mut take = 0;
+            let mut len = 0;
+            while take < rest.len() && (take == 0 || len + rest[take].len <= BATCH) {
+                len += rest[take].len;
+                take += 1;
+            }
+            let (batch, after) = rest.split_at(take);
+            rest = after;
+            let at = batch[0].offset;
+            // Each group is checked as soon as it is whole; `good` bytes
+            // of the batch (`checked` groups) have checked out.
+            let (mut filled, mut good, mut checked) = (0, 0, 0);
+            let mut failure = None;
+            while filled < len && failure.is_none() {
+                let n = match reader.read(&mut buf[filled..len]) {
+                    Ok(0) => {
+                        let eof = io::ErrorKind::UnexpectedEof.into();
+                        failure = Some(broke(at + filled as u64, eof));
+                        break;
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        failure = Some(broke(at + filled as u64, e));
+                        break;
+                    }
+                };
+                filled += n;
+                while checked < batch.len() && good + batch[checked].len <= filled {
+                    let group = &batch[checked];
+                    if !group.verify(&buf[good..good + group.len]) {
+                        failure = Some(format!(
+                            "sent bytes {}-{} that fail verification; dropped",
+                            group.offset,
+                            group.offset + group.len as u64
+                        ));
+                        break;
+                    }
+                    good += group.len;
+                    checked += 1;
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Ok(Attempt::Broke(format!(
-                        "transfer broke at {} of {} bytes: {}",
-                        p.received,
-                        p.size,
-                        CallError::Io {
-                            phase: Phase::Content,
-                            source
-                        }
-                    )))
+                in_window += n as u64;
+                let spent = window.elapsed();
+                if failure.is_none()
+                    && self.limits.speed_limit > 0
+                    && spent >= self.limits.speed_time
+                {
+                    let rate = in_window as f64 / spent.as_secs_f64();
+                    if rate < self.limits.speed_limit as f64 {
+                        failure = Some(format!(
+                            "slower than {} bytes/s for {}s ({rate:.0} bytes/s) at byte {} of {size}",
+                            self.limits.speed_limit,
+                            self.limits.speed_time.as_secs(),
+                            at + filled as u64
+                        ));
+                    }
+                    (window, in_window) = (Instant::now(), 0);
                 }
-            };
-            p.hasher.update(&buf[..n]);
-            sink.write_all(&buf[..n])
-                .map_err(|source| FetchError::Output {
-                    name: name.to_string(),
-                    source,
-                })?;
-            p.received += n as u64;
-            self.progress.advance(n as u64);
-            in_window += n as u64;
-            let spent = window.elapsed();
-            if self.limits.speed_limit > 0 && spent >= self.limits.speed_time {
-                let rate = in_window as f64 / spent.as_secs_f64();
-                if rate < self.limits.speed_limit as f64 {
-                    return Ok(Attempt::Broke(format!(
-                        "slower than {} bytes/s for {}s ({rate:.0} bytes/s) at {} of {} bytes",
-                        self.limits.speed_limit,
-                        self.limits.speed_time.as_secs(),
-                        p.received,
-                        p.size
-                    )));
+            }
+            // What checked out is kept, even from a source that then fails.
+            if good > 0 {
+                let before = *delivered;
+                let result = self.board.deliver(index, at, &buf[..good], delivered);
+                let _ = events.send(Event::Bytes(*delivered - before));
+                match result {
+                    Delivered::More => {}
+                    Delivered::PieceDone if failure.is_none() => return Attempt::Done,
+                    Delivered::PieceDone => {}
+                    Delivered::Stop => return Attempt::Stop,
                 }
-                (window, in_window) = (Instant::now(), 0);
+            }
+            if let Some(why) = failure {
+                return Attempt::Drop(why);
             }
         }
-        if p.hasher.finalize() != p.hash {
-            // Which part was bad cannot be known: start over, or give up.
-            *partial = None;
-            let why = "content does not match its hash";
-            if restart(sink, name)? {
-                return Ok(Attempt::Broke(format!("{why}; discarded")));
-            }
-            return Err(FetchError::Failed {
-                name: name.to_string(),
-                reason: format!("{why} (peer {peer})"),
-            });
-        }
-        Ok(Attempt::Done(Fetched { peer, size: p.size }))
+        Attempt::Done
     }
-}
-
-fn restart(sink: &mut dyn Sink, name: &FileName) -> Result<bool, FetchError> {
-    sink.restart().map_err(|source| FetchError::Output {
-        name: name.to_string(),
-        source,
-    })
 }
 
 #[cfg(test)]
@@ -425,79 +944,87 @@ mod tests {
     use std::{
         io::{BufRead, BufReader, Write},
         net::{TcpListener, TcpStream},
-        sync::mpsc,
-        thread,
+        sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        },
     };
 
-    /// A fake peer answering each request line with what `answer` returns.
+    /// A fake peer answering each request line with what `answer` writes.
     /// The request lines it saw arrive on the returned channel.
     fn fake_peer(
-        answer: impl Fn(&str) -> Vec<u8> + Send + 'static,
+        answer: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static,
     ) -> (PeerAddr, mpsc::Receiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string().parse().unwrap();
         let (tx, rx) = mpsc::channel();
+        let answer = Arc::new(answer);
         thread::spawn(move || {
-            for stream in listener.incoming().take(8) {
+            for stream in listener.incoming().take(200) {
                 let Ok(mut stream) = stream else { continue };
-                let mut line = String::new();
-                let _ = BufReader::new(&stream).read_line(&mut line);
-                let _ = stream.write_all(&answer(line.trim_end()));
-                let _ = tx.send(line.trim_end().to_string());
+                let (answer, tx) = (Arc::clone(&answer), tx.clone());
+                thread::spawn(move || {
+                    let mut line = String::new();
+                    let _ = BufReader::new(&stream).read_line(&mut line);
+                    let _ = tx.send(line.trim_end().to_string());
+                    answer(line.trim_end(), &mut stream);
+                });
             }
         });
         (addr, rx)
     }
 
-    /// A well-behaved peer holding `content`, honouring offsets.
-    fn honest(content: &'static [u8]) -> impl Fn(&str) -> Vec<u8> {
-        move |line| {
-            let offset: usize = line.split(' ').nth(3).map_or(0, |o| o.parse().unwrap());
-            let mut reply =
-                format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
-            reply.extend_from_slice(&content[offset..]);
-            reply
-        }
-    }
-
-    /// A peer that has `content` but breaks off after `cut` bytes.
-    fn cut_off(content: &'static [u8], cut: usize) -> impl Fn(&str) -> Vec<u8> {
-        move |_| {
-            let mut reply =
-                format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
-            reply.extend_from_slice(&content[..cut]);
-            reply
-        }
-    }
-
-    fn missing(_: &str) -> Vec<u8> {
-        b"ERR not-found no file\n".to_vec()
-    }
-
-    /// A fake peer that answers with `answer`, which writes on the stream
-    /// as it likes (slowly, in pieces).
-    fn streaming_peer(answer: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static) -> PeerAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string().parse().unwrap();
-        let answer = std::sync::Arc::new(answer);
-        thread::spawn(move || {
-            for stream in listener.incoming().take(8) {
-                let Ok(mut stream) = stream else { continue };
-                let answer = std::sync::Arc::clone(&answer);
-                thread::spawn(move || {
-                    let mut line = String::new();
-                    let _ = BufReader::new(&stream).read_line(&mut line);
-                    answer(line.trim_end(), &mut stream);
-                });
+    /// What an honest peer holding `content` answers, as bytes.
+    fn reply(content: &[u8], line: &str) -> Vec<u8> {
+        let hash = blake3::hash(content);
+        let size = content.len() as u64;
+        let words: Vec<&str> = line.split(' ').collect();
+        match words.get(1) {
+            Some(&"HEAD") => format!("FILE {size} {hash}\n").into_bytes(),
+            Some(&"RANGE") => {
+                let start: u64 = words[4].parse().unwrap();
+                let end: u64 = words[5].parse().unwrap();
+                let ob = proof::outboard(content, size).unwrap();
+                let len = proof::proof_len(size, start, end);
+                let mut out = format!("RANGE {size} {hash} {len}\n").into_bytes();
+                proof::encode_proof(&ob, start, end, &mut out).unwrap();
+                out.extend_from_slice(&content[start as usize..end as usize]);
+                out
             }
-        });
-        addr
+            _ => b"ERR bad-request\n".to_vec(),
+        }
+    }
+
+    fn honest(content: Arc<Vec<u8>>) -> impl Fn(&str, &mut TcpStream) + Send + Sync {
+        move |line, stream| {
+            let _ = stream.write_all(&reply(&content, line));
+        }
+    }
+
+    /// Flips the byte `at` bytes into every range it sends.
+    fn flipping(content: Arc<Vec<u8>>, at: u64) -> impl Fn(&str, &mut TcpStream) + Send + Sync {
+        move |line, stream| {
+            let mut out = reply(&content, line);
+            if line.contains("RANGE") {
+                let start: u64 = line.split(' ').nth(4).unwrap().parse().unwrap();
+                let end: u64 = line.split(' ').nth(5).unwrap().parse().unwrap();
+                if start + at < end {
+                    let i = out.len() - (end - start - at) as usize;
+                    out[i] ^= 1;
+                }
+            }
+            let _ = stream.write_all(&out);
+        }
+    }
+
+    fn content(len: usize) -> Arc<Vec<u8>> {
+        Arc::new((0..len).map(|i| (i * 31 % 251) as u8).collect())
     }
 
     struct Memory {
         data: Vec<u8>,
-        restartable: bool,
         room: Option<u64>,
+        file: Option<tempfile::NamedTempFile>,
     }
 
     impl Sink for Memory {
@@ -505,236 +1032,238 @@ mod tests {
             self.data.extend_from_slice(buf);
             Ok(())
         }
-        fn restart(&mut self) -> io::Result<bool> {
-            if self.restartable {
-                self.data.clear();
-            }
-            Ok(self.restartable)
-        }
         fn room(&self) -> Option<u64> {
             self.room
         }
+        fn positional(&mut self) -> Option<File> {
+            self.file.as_ref().map(|f| f.reopen().unwrap())
+        }
     }
 
-    fn fetch(
-        peers: &[PeerAddr],
-        restartable: bool,
-    ) -> (Result<Fetched, FetchError>, Vec<u8>, Vec<String>) {
-        fetch_with(
-            peers,
-            restartable,
-            Limits::default(),
-            None,
-            Duration::from_secs(5),
-        )
+    struct Run {
+        result: Result<Fetched, FetchError>,
+        data: Vec<u8>,
+        notes: Vec<String>,
     }
 
-    fn fetch_with(
-        peers: &[PeerAddr],
-        restartable: bool,
-        limits: Limits,
-        room: Option<u64>,
-        timeout: Duration,
-    ) -> (Result<Fetched, FetchError>, Vec<u8>, Vec<String>) {
+    fn run(peers: &[PeerAddr], sources: usize, positional: bool, limits: Limits) -> Run {
         let mut notes = Vec::new();
         let mut sink = Memory {
             data: Vec::new(),
-            restartable,
-            room,
+            room: None,
+            file: positional.then(|| tempfile::NamedTempFile::new().unwrap()),
         };
         let result = Fetcher {
-            timeout,
+            timeout: Duration::from_secs(2),
             limits,
             expect: None,
             note: &mut |line| notes.push(line.to_string()),
             progress: &mut (),
         }
-        .fetch(peers, &FileName::new("f.bin").unwrap(), &mut sink);
-        (result, sink.data, notes)
+        .fetch_with(
+            peers,
+            &FileName::new("f.bin").unwrap(),
+            &mut sink,
+            Options { sources },
+        );
+        let data = match &sink.file {
+            Some(file) => std::fs::read(file.path()).unwrap(),
+            None => sink.data,
+        };
+        Run {
+            result,
+            data,
+            notes,
+        }
+    }
+
+    fn get(peers: &[PeerAddr], sources: usize) -> Run {
+        run(peers, sources, false, Limits::default())
     }
 
     #[test]
-    fn a_header_dripped_byte_by_byte_costs_one_timeout() {
-        let dripping = streaming_peer(|_, stream| {
-            let header = format!("FILE {} {}\n", CONTENT.len(), blake3::hash(CONTENT));
-            for byte in header.bytes() {
-                if stream.write_all(&[byte]).is_err() {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(100));
+    fn files_of_every_size_arrive_whole_from_one_peer() {
+        for len in [0, 1, 16384, 100_000, (SHARED_PIECE + 5) as usize] {
+            let content = content(len);
+            let (peer, _) = fake_peer(honest(Arc::clone(&content)));
+            for positional in [false, true] {
+                let r = run(&[peer], 1, positional, Limits::default());
+                let fetched = r.result.unwrap();
+                assert_eq!(fetched.size, len as u64);
+                assert!(r.data == *content, "{len} bytes, positional {positional}");
             }
-        });
-        let (good, _) = fake_peer(honest(CONTENT));
-        let started = Instant::now();
-        let (result, data, notes) = fetch_with(
-            &[dripping, good],
-            false,
-            Limits::default(),
-            None,
-            Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn several_sources_share_the_work_and_stdout_gets_it_in_order() {
+        let content = content(3 * SHARED_PIECE as usize + 1000);
+        let peers: Vec<PeerAddr> = (0..3)
+            .map(|_| fake_peer(honest(Arc::clone(&content))).0)
+            .collect();
+        for positional in [false, true] {
+            let r = run(&peers, 3, positional, Limits::default());
+            let fetched = r.result.unwrap();
+            assert!(r.data == *content);
+            assert!(fetched.from.len() >= 2, "{:?}", fetched.from);
+            assert_eq!(
+                fetched.from.iter().map(|(_, n)| n).sum::<u64>(),
+                content.len() as u64
+            );
+        }
+        // -j 1 takes one source only.
+        let fetched = get(&peers, 1).result.unwrap();
+        assert_eq!(fetched.from.len(), 1);
+    }
+
+    #[test]
+    fn a_liar_is_dropped_at_its_first_bad_group() {
+        let content = content(2 * SHARED_PIECE as usize);
+        let bad_at = 70_000;
+        let (liar, liar_asked) = fake_peer(flipping(Arc::clone(&content), bad_at));
+        let (good, _) = fake_peer(honest(Arc::clone(&content)));
+        let group = bad_at / proof::GROUP * proof::GROUP;
+        // Alone, the liar has nobody to hand over to; the groups before
+        // the bad one were good and are kept.
+        let r = get(&[liar, good], 1);
+        let err = r.result.unwrap_err().to_string();
+        assert!(err.contains("fail verification"), "{err}");
+        assert_eq!(r.data.len() as u64, group);
+        let _ = liar_asked.try_iter().count();
+        let r = get(&[liar, good], 2);
+        let fetched = r.result.unwrap();
+        assert!(r.data == *content);
+        let bad = r
+            .notes
+            .iter()
+            .filter(|n| n.starts_with(&format!("peer {liar}: sent bytes")))
+            .count();
+        assert_eq!(bad, 1, "{:?}", r.notes);
+        let ranges = liar_asked
+            .try_iter()
+            .filter(|l| l.contains("RANGE"))
+            .count();
+        assert_eq!(
+            ranges, 1,
+            "the liar is asked for nothing after its bad group"
         );
+        let from_liar = fetched.from.iter().find(|(p, _)| *p == liar);
         assert!(
-            started.elapsed() < Duration::from_secs(3),
+            from_liar.is_none_or(|(_, n)| *n <= group),
             "{:?}",
-            started.elapsed()
-        );
-        assert_eq!(result.unwrap().peer, good);
-        assert_eq!(data, CONTENT);
-        assert_eq!(
-            notes,
-            [format!("peer {dripping}: timed out waiting for the reply")]
+            fetched.from
         );
     }
 
     #[test]
-    fn a_size_over_the_limit_or_the_free_space_is_not_fetched() {
-        let (huge, _) =
-            fake_peer(|_| format!("FILE {} {}\n", u64::MAX / 2, blake3::hash(b"x")).into_bytes());
-        let (good, _) = fake_peer(honest(CONTENT));
-        let limits = Limits {
-            max_size: Some(1000),
-            ..Limits::default()
-        };
-        let timeout = Duration::from_secs(5);
-        // The liar is skipped, the honest holder delivers.
-        let (result, data, notes) = fetch_with(&[huge, good], false, limits, None, timeout);
-        assert_eq!(result.unwrap().peer, good);
-        assert_eq!(data, CONTENT);
-        assert!(notes[0].contains("over --max-size 1000"), "{notes:?}");
-        // Alone, it is this side's limit that stops the fetch: nothing written.
-        let (result, data, _) = fetch_with(&[huge], false, limits, None, timeout);
-        assert!(
-            matches!(result, Err(FetchError::TooBig { .. })),
-            "{result:?}"
-        );
-        assert!(data.is_empty());
-        // Without --max-size, the free space decides.
-        let (result, data, _) =
-            fetch_with(&[huge], false, Limits::default(), Some(1 << 30), timeout);
-        let err = result.unwrap_err();
-        assert!(err.to_string().contains("bytes free"), "{err}");
-        assert!(data.is_empty());
-        let (result, _, _) = fetch_with(&[good], false, Limits::default(), Some(35), timeout);
-        assert!(matches!(result, Err(FetchError::TooBig { .. })));
-        let (result, _, _) = fetch_with(&[good], false, Limits::default(), Some(36), timeout);
-        assert!(result.is_ok());
-    }
-
-    #[test]
-    fn a_peer_below_the_speed_limit_is_dropped_and_the_next_resumes() {
-        // 4 bytes every 100 ms: 40 bytes/s, each read well within the timeout.
-        let slow = streaming_peer(|_, stream| {
-            let header = format!("FILE {} {}\n", CONTENT.len(), blake3::hash(CONTENT));
-            let _ = stream.write_all(header.as_bytes());
-            for piece in CONTENT.chunks(4) {
-                if stream.write_all(piece).is_err() {
-                    return;
+    fn a_forged_proof_is_refused_before_any_byte() {
+        let content = content(100_000);
+        let forger = {
+            let content = Arc::clone(&content);
+            move |line: &str, stream: &mut TcpStream| {
+                let mut out = reply(&content, line);
+                if line.contains("RANGE") {
+                    let header = out.iter().position(|&b| b == b'\n').unwrap();
+                    out[header + 5] ^= 1;
                 }
-                thread::sleep(Duration::from_millis(100));
+                let _ = stream.write_all(&out);
             }
-        });
-        let (good, requests) = fake_peer(honest(CONTENT));
-        let limits = Limits {
-            max_size: None,
-            speed_limit: 100,
-            speed_time: Duration::from_millis(300),
         };
-        let (result, data, notes) =
-            fetch_with(&[slow, good], false, limits, None, Duration::from_secs(5));
-        assert_eq!(result.unwrap().peer, good);
-        assert_eq!(data, CONTENT);
-        assert!(notes[0].contains("slower than 100 bytes/s"), "{notes:?}");
-        let resumed_at: u64 = requests
-            .recv()
-            .unwrap()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(resumed_at > 0 && resumed_at < CONTENT.len() as u64);
-    }
-
-    const CONTENT: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-
-    #[test]
-    fn a_broken_transfer_resumes_at_the_next_peer_from_the_same_byte() {
-        let (first, _) = fake_peer(cut_off(CONTENT, 10));
-        let (second, requests) = fake_peer(honest(CONTENT));
-        let (result, data, notes) = fetch(&[first, second], false);
-        assert_eq!(result.unwrap().peer, second);
-        assert_eq!(data, CONTENT);
-        assert_eq!(requests.recv().unwrap(), "RP2P/1 GET f.bin 10");
-        assert_eq!(
-            notes,
-            [format!("peer {first}: connection closed at 10 of 36 bytes")]
-        );
-    }
-
-    #[test]
-    fn a_peer_with_other_content_is_not_used_to_resume_stdout() {
-        let (first, _) = fake_peer(cut_off(CONTENT, 10));
-        let (other, _) = fake_peer(honest(b"something else entirely"));
-        let (last, _) = fake_peer(honest(CONTENT));
-        let (result, data, notes) = fetch(&[first, other, last], false);
-        assert_eq!(result.unwrap().peer, last);
-        assert_eq!(data, CONTENT);
-        assert!(notes[1].contains("has another version"), "{notes:?}");
-    }
-
-    #[test]
-    fn a_restartable_sink_starts_over_with_the_other_version() {
-        let (first, _) = fake_peer(cut_off(CONTENT, 10));
-        let (other, _) = fake_peer(honest(b"something else entirely"));
-        let (result, data, _) = fetch(&[first, other], true);
-        assert_eq!(result.unwrap().peer, other);
-        assert_eq!(data, b"something else entirely");
-    }
-
-    #[test]
-    fn a_shorter_other_version_is_recognised_by_its_refusal_to_resume() {
-        let (first, _) = fake_peer(cut_off(CONTENT, 10));
-        let (shorter, requests) = fake_peer(|line: &str| {
-            if line.ends_with(" 10") {
-                b"ERR bad-request offset 10 is past the end\n".to_vec()
-            } else {
-                honest(b"short")(line)
-            }
-        });
-        let (result, data, _) = fetch(&[first, shorter], true);
-        assert_eq!(result.unwrap().peer, shorter);
-        assert_eq!(data, b"short");
-        assert_eq!(requests.recv().unwrap(), "RP2P/1 GET f.bin 10");
-        assert_eq!(requests.recv().unwrap(), "RP2P/1 GET f.bin");
-    }
-
-    #[test]
-    fn corrupt_content_fails_where_it_cannot_be_taken_back() {
-        let (liar, _) = fake_peer(|_| {
-            let mut reply =
-                format!("FILE {} {}\n", CONTENT.len(), blake3::hash(CONTENT)).into_bytes();
-            reply.extend_from_slice(&[b'x'; 36]);
-            reply
-        });
-        let (honest_peer, _) = fake_peer(honest(CONTENT));
-        let (result, _, _) = fetch(&[liar, honest_peer], false);
-        let err = result.unwrap_err();
+        let (forger, _) = fake_peer(forger);
+        let r = get(&[forger], 1);
+        let err = r.result.unwrap_err().to_string();
         assert!(
-            err.to_string().contains("content does not match its hash"),
+            err.contains("sent a proof that does not check out"),
             "{err}"
         );
-        // Into a file it is thrown away and fetched again.
-        let (result, data, _) = fetch(&[liar, honest_peer], true);
-        assert!(result.is_ok());
-        assert_eq!(data, CONTENT);
+        assert!(r.data.is_empty());
+    }
+
+    #[test]
+    fn a_broken_transfer_goes_on_elsewhere_from_the_last_verified_group() {
+        let content = content(200_000);
+        let cut = {
+            let content = Arc::clone(&content);
+            move |line: &str, stream: &mut TcpStream| {
+                let out = reply(&content, line);
+                let cut = if line.contains("RANGE") { 100_000 } else { 0 };
+                let _ = stream.write_all(&out[..out.len() - cut]);
+            }
+        };
+        let (first, _) = fake_peer(cut);
+        // Busy at first, so that it starts only once the first broke off.
+        let ranges = AtomicUsize::new(0);
+        let second = {
+            let content = Arc::clone(&content);
+            move |line: &str, stream: &mut TcpStream| {
+                if line.contains("RANGE") && ranges.fetch_add(1, Ordering::SeqCst) == 0 {
+                    thread::sleep(Duration::from_millis(200));
+                    let _ = stream.write_all(b"ERR busy later\n");
+                } else {
+                    let _ = stream.write_all(&reply(&content, line));
+                }
+            }
+        };
+        let (second, requests) = fake_peer(second);
+        let r = get(&[first, second], 1);
+        // -j 1: the second holder is asked only once the first failed.
+        let err = r.result.unwrap_err().to_string();
+        assert!(
+            err.contains("transfer stopped at 98304 of 200000 bytes"),
+            "{err}"
+        );
+        let r = get(&[first, second], 2);
+        assert!(r.result.is_ok(), "{:?}", r.notes);
+        assert!(r.data == *content);
+        assert!(
+            r.notes[0].starts_with(&format!("peer {first}: connection closed at byte")),
+            "{:?}",
+            r.notes
+        );
+        let asked: Vec<String> = requests.try_iter().collect();
+        assert!(
+            asked.iter().any(|l| l.ends_with(" 98304 200000")),
+            "{asked:?}"
+        );
+    }
+
+    #[test]
+    fn a_file_changed_on_the_peer_is_never_mixed() {
+        let old = content(100_000);
+        let changed = |line: &str, stream: &mut TcpStream| {
+            let reply = if line.contains("HEAD") {
+                format!("FILE 100000 {}\n", blake3::hash(&content(100_000)))
+            } else {
+                "ERR changed \"f.bin\" has other content now\n".into()
+            };
+            let _ = stream.write_all(reply.as_bytes());
+        };
+        let (peer, _) = fake_peer(changed);
+        let r = get(&[peer], 1);
+        let err = r.result.unwrap_err().to_string();
+        assert!(err.contains("its file changed"), "{err}");
+        assert!(r.data.is_empty());
+        let _ = old;
+    }
+
+    #[test]
+    fn the_first_holders_version_is_fetched_and_others_are_not_sources() {
+        let (first, _) = fake_peer(honest(content(50_000)));
+        let (other, other_asked) = fake_peer(honest(Arc::new(b"another version".to_vec())));
+        let r = get(&[first, other], 4);
+        assert!(r.data == *content(50_000));
+        assert_eq!(r.result.unwrap().from.len(), 1);
+        assert!(other_asked.try_iter().all(|l| l.contains("HEAD")));
     }
 
     #[test]
     fn not_found_and_unreachable_are_told_apart() {
+        let missing = |_: &str, stream: &mut TcpStream| {
+            let _ = stream.write_all(b"ERR not-found no file\n");
+        };
         let (a, _) = fake_peer(missing);
         let (b, _) = fake_peer(missing);
-        let (result, _, _) = fetch(&[a, b], false);
-        let err = result.unwrap_err();
+        let err = get(&[a, b], 4).result.unwrap_err();
         assert!(err.is_not_found());
         assert_eq!(err.to_string(), "\"f.bin\" not found on any of 2 peers");
 
@@ -743,72 +1272,113 @@ mod tests {
             .local_addr()
             .unwrap();
         let dead: PeerAddr = closed.to_string().parse().unwrap();
-        let (result, _, notes) = fetch(&[dead], false);
-        let err = result.unwrap_err();
-        assert!(!err.is_not_found());
-        assert_eq!(notes, [format!("peer {dead}: connection refused")]);
+        let r = get(&[dead], 4);
+        assert!(!r.result.unwrap_err().is_not_found());
+        assert_eq!(r.notes, [format!("peer {dead}: connection refused")]);
     }
 
     #[test]
-    fn a_busy_peer_is_asked_again_after_the_others() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let asked = std::sync::Arc::new(AtomicUsize::new(0));
-        let count = std::sync::Arc::clone(&asked);
-        let (hashing, _) = fake_peer(move |line| {
+    fn a_busy_peer_is_asked_again() {
+        let content = content(1000);
+        let asked = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&asked);
+        let hashing = move |line: &str, stream: &mut TcpStream| {
             if count.fetch_add(1, Ordering::SeqCst) < 2 {
-                b"ERR busy \"f.bin\" (36 bytes) is being hashed\n".to_vec()
+                let _ = stream.write_all(b"ERR busy \"f.bin\" is being hashed\n");
             } else {
-                honest(CONTENT)(line)
+                let _ = stream.write_all(&reply(&content, line));
             }
-        });
-        let (missing_peer, _) = fake_peer(missing);
-        let (result, data, notes) = fetch(&[hashing, missing_peer], false);
-        assert_eq!(result.unwrap().peer, hashing);
-        assert_eq!(data, CONTENT);
-        assert_eq!(asked.load(Ordering::SeqCst), 3);
+        };
+        let (peer, _) = fake_peer(hashing);
+        let r = get(&[peer], 1);
+        assert!(r.result.is_ok(), "{:?}", r.notes);
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            4,
+            "two HEADs busy, a third, a RANGE"
+        );
         assert!(
-            notes[0].contains("asking 1 busy peer(s) again"),
-            "{notes:?}"
+            r.notes[0].contains("asking 1 busy peer(s) again"),
+            "{:?}",
+            r.notes
         );
     }
 
     #[test]
-    fn a_peer_busy_for_longer_than_the_timeout_is_given_up() {
-        let (busy, _) = fake_peer(|_| b"ERR busy try later\n".to_vec());
-        let started = std::time::Instant::now();
-        let mut notes = Vec::new();
-        let result = Fetcher {
-            timeout: Duration::from_secs(1),
-            limits: Limits::default(),
-            expect: None,
-            note: &mut |line| notes.push(line.to_string()),
-            progress: &mut (),
-        }
-        .fetch(
-            &[busy],
-            &FileName::new("f.bin").unwrap(),
-            &mut Memory {
-                data: Vec::new(),
-                restartable: false,
-                room: None,
-            },
+    fn a_header_dripped_byte_by_byte_costs_one_timeout() {
+        let content = content(1000);
+        let dripping = {
+            let content = Arc::clone(&content);
+            move |line: &str, stream: &mut TcpStream| {
+                if line.contains("HEAD") {
+                    let _ = stream.write_all(&reply(&content, line));
+                    return;
+                }
+                for byte in b"RANGE 1000 " {
+                    if stream.write_all(&[*byte]).is_err() {
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(300));
+                }
+            }
+        };
+        let (dripping, _) = fake_peer(dripping);
+        let started = Instant::now();
+        let r = get(&[dripping], 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
         );
-        assert!(started.elapsed() < Duration::from_secs(3));
-        let err = result.unwrap_err();
-        assert!(!err.is_not_found(), "{err}");
-        assert!(notes.last().unwrap().ends_with("giving up"), "{notes:?}");
+        let err = r.result.unwrap_err().to_string();
+        assert!(err.contains("timed out waiting for the reply"), "{err}");
     }
 
     #[test]
-    fn a_peer_that_lies_about_the_protocol_is_skipped() {
-        let (liar, _) = fake_peer(|_| b"HELLO there\n".to_vec());
-        let (good, _) = fake_peer(honest(CONTENT));
-        let (result, data, notes) = fetch(&[liar, good], false);
-        assert!(result.is_ok());
-        assert_eq!(data, CONTENT);
-        assert!(
-            notes[0].contains("bad reply: unexpected reply \"HELLO there\""),
-            "{notes:?}"
-        );
+    fn a_peer_slower_than_the_speed_limit_is_dropped_for_another() {
+        let content = content(300_000);
+        let slow = {
+            let content = Arc::clone(&content);
+            move |line: &str, stream: &mut TcpStream| {
+                let out = reply(&content, line);
+                if line.contains("HEAD") {
+                    let _ = stream.write_all(&out);
+                    return;
+                }
+                for part in out.chunks(2000) {
+                    if stream.write_all(part).is_err() {
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        let (slow, _) = fake_peer(slow);
+        let (good, _) = fake_peer(honest(Arc::clone(&content)));
+        let limits = Limits {
+            max_size: None,
+            speed_limit: 100_000,
+            speed_time: Duration::from_millis(300),
+        };
+        // One source at a time, so that the slow one must be dropped.
+        let r = run(&[slow, good], 1, false, limits);
+        let err = r.result.unwrap_err().to_string();
+        assert!(err.contains("slower than 100000 bytes/s"), "{err}");
+        let r = run(&[slow, good], 2, false, limits);
+        assert!(r.result.is_ok(), "{:?}", r.notes);
+        assert!(r.data == *content);
+    }
+
+    #[test]
+    fn a_file_over_the_limits_is_not_fetched() {
+        let (peer, asked) = fake_peer(honest(content(5000)));
+        let limits = Limits {
+            max_size: Some(4999),
+            ..Limits::default()
+        };
+        let err = run(&[peer], 1, false, limits).result.unwrap_err();
+        assert!(matches!(err, FetchError::TooBig { .. }), "{err}");
+        assert!(err.to_string().contains("over --max-size 4999"), "{err}");
+        assert!(asked.try_iter().all(|l| l.contains("HEAD")));
     }
 }

@@ -25,7 +25,7 @@ use protocol::{index::Pattern, ContentHash, FileName, PeerAddr};
 pub use crate::failure::Failure;
 use crate::{
     discover::Relay,
-    fetch::{FetchError, Fetcher, Limits},
+    fetch::{FetchError, Fetcher, Limits, Options},
     print::Format,
     progress::Bar,
     save::{FileSink, StdoutSink},
@@ -85,6 +85,9 @@ enum Command {
         /// file appears only once complete and verified
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Fetch from at most this many holders at once
+        #[arg(short = 'j', long = "sources", value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=fetch::MAX_SOURCES as u64))]
+        sources: u64,
     },
     /// Print the live peers, one IP:PORT per line
     Peers {
@@ -167,8 +170,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
     };
     match args.command {
         None => interactive::run(&relay, limits),
-        Some(Command::Get { name, hash, output }) => {
-            get(&relay, limits, Wanted::new(name, hash), output)
+        Some(Command::Get {
+            name,
+            hash,
+            output,
+            sources,
+        }) => {
+            let options = Options {
+                sources: sources as usize,
+            };
+            get(&relay, limits, Wanted::new(name, hash), output, options)
         }
         Some(Command::Peers { json }) => {
             let peers = relay.peers()?;
@@ -315,6 +326,7 @@ fn get(
     limits: Limits,
     wanted: Wanted,
     output: Option<PathBuf>,
+    options: Options,
 ) -> Result<(), Failure> {
     let (name, peers, expect) = sources(relay, &wanted)?;
     let name = &name;
@@ -327,7 +339,7 @@ fn get(
         progress: &mut bar,
     };
     match output {
-        None => match fetcher.fetch(&peers, name, &mut StdoutSink::new()) {
+        None => match fetcher.fetch_with(&peers, name, &mut StdoutSink::new(), options) {
             // The reader went away (`| head`): not a failure, as for cat.
             Err(FetchError::Output { source, .. })
                 if source.kind() == io::ErrorKind::BrokenPipe => {}
@@ -337,13 +349,18 @@ fn get(
         },
         Some(path) => {
             let mut sink = FileSink::create(&path, name)?;
-            let fetched = fetcher.fetch(&peers, name, &mut sink)?;
+            let fetched = fetcher.fetch_with(&peers, name, &mut sink, options)?;
             let dest = sink.commit()?;
+            let from: Vec<String> = fetched.from.iter().map(|(p, _)| p.to_string()).collect();
             eprintln!(
                 "saved {} ({} bytes, from {})",
                 dest.display(),
                 fetched.size,
-                fetched.peer
+                if from.is_empty() {
+                    fetched.peer.to_string()
+                } else {
+                    from.join(", ")
+                }
             );
         }
     }

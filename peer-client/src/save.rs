@@ -11,7 +11,7 @@
 
 use std::{
     fs::File,
-    io::{self, Seek, Write},
+    io::{self, Write},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -82,7 +82,7 @@ pub fn clean_up_on_interrupt() -> io::Result<()> {
 /// Raw standard output: content is written in large chunks straight to the
 /// file descriptor, without Rust's line buffering of `Stdout`.
 pub struct StdoutSink {
-    out: Box<dyn Write>,
+    out: Box<dyn Write + Send>,
     /// The last byte written, to know whether output ended a line.
     pub last: Option<u8>,
 }
@@ -97,7 +97,7 @@ impl StdoutSink {
 }
 
 #[cfg(unix)]
-fn raw_stdout() -> Box<dyn Write> {
+fn raw_stdout() -> Box<dyn Write + Send> {
     use std::os::fd::AsFd;
     match io::stdout().as_fd().try_clone_to_owned() {
         Ok(fd) => Box::new(File::from(fd)),
@@ -106,7 +106,7 @@ fn raw_stdout() -> Box<dyn Write> {
 }
 
 #[cfg(not(unix))]
-fn raw_stdout() -> Box<dyn Write> {
+fn raw_stdout() -> Box<dyn Write + Send> {
     Box::new(io::stdout())
 }
 
@@ -117,10 +117,6 @@ impl Sink for StdoutSink {
             self.last = Some(b);
         }
         Ok(())
-    }
-
-    fn restart(&mut self) -> io::Result<bool> {
-        Ok(false)
     }
 
     /// Known when stdout is a regular file (`> file`).
@@ -286,20 +282,19 @@ impl Sink for FileSink {
         self.file()?.write_all(buf)
     }
 
-    fn restart(&mut self) -> io::Result<bool> {
-        if let Some(Out::Direct(_)) = self.out {
-            return Ok(false);
-        }
-        let file = self.file()?;
-        file.set_len(0)?;
-        file.rewind()?;
-        Ok(true)
-    }
-
     /// The free space beside the destination; unknown for a device or FIFO.
     fn room(&self) -> Option<u64> {
         match &self.out {
             Some(Out::Temp(temp)) => free_space(temp.as_file()),
+            _ => None,
+        }
+    }
+
+    /// The temporary file takes pieces at their offsets; a device or FIFO
+    /// only in order.
+    fn positional(&mut self) -> Option<File> {
+        match &self.out {
+            Some(Out::Temp(temp)) => temp.as_file().try_clone().ok(),
             _ => None,
         }
     }
@@ -359,7 +354,6 @@ mod tests {
         let mut sink = FileSink::create(&dest, &name()).unwrap();
         sink.write_all(b"half").unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"old");
-        assert!(sink.restart().unwrap());
         drop(sink);
         assert_eq!(fs::read(&dest).unwrap(), b"old");
         assert_eq!(others(dir.path(), &["out"]), Vec::<String>::new());
@@ -415,7 +409,6 @@ mod tests {
         };
         let mut sink = FileSink::create(&fifo, &name()).unwrap();
         sink.write_all(b"through the pipe").unwrap();
-        assert!(!sink.restart().unwrap(), "what went down a pipe stays sent");
         sink.commit().unwrap();
         assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
         assert_eq!(reader.join().unwrap(), b"through the pipe");
@@ -438,7 +431,6 @@ mod tests {
         }
         let mut sink = FileSink::create(&null, &name()).unwrap();
         sink.write_all(b"into nothing").unwrap();
-        assert!(!sink.restart().unwrap());
         sink.commit().unwrap();
         assert!(fs::symlink_metadata(&null)
             .unwrap()

@@ -1,10 +1,11 @@
 //! The served folder: turns a requested name into an open file that is
-//! certainly inside it, lists what it holds, and caches content hashes.
+//! certainly inside it, lists what it holds, and caches content hashes and,
+//! beside them, the outboards (BLAKE3 trees) that `RANGE` proofs come from.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fs::{self, File},
-    io::{self, Read},
+    io::{self, BufReader, Read},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -17,13 +18,22 @@ use std::{
 use log::{debug, info, warn};
 use protocol::{
     index::Holding,
-    peer::{FileEntry, MAX_FILES},
+    peer::{
+        proof::{self, Outboard},
+        FileEntry, MAX_FILES,
+    },
     ContentHash, ErrorCode, ErrorReply, FileName,
 };
 
 /// How many content hashes are remembered: more than a folder can list, so
 /// that warming up never evicts its own work.
 const HASH_CACHE_LEN: usize = 2 * MAX_FILES;
+/// Bytes of outboards kept (0.4% of each file hashed): those of 16 GiB of
+/// files. One that is evicted is made again from the file when a `RANGE`
+/// needs it.
+const OUTBOARD_CACHE_BYTES: usize = 64 << 20;
+/// How much of a file is read at once while hashing it.
+const HASH_READ: usize = 1 << 20;
 /// How many folders deep `LIST` goes: a file in 16 nested folders is
 /// listed, one in 17 is not.
 const MAX_DEPTH: usize = 16;
@@ -124,11 +134,16 @@ pub struct Library {
     /// hashing once, not once per request. Keyed by the path inside the
     /// folder, symlinks resolved.
     hashes: Arc<Mutex<HashMap<PathBuf, Entry>>>,
+    /// The outboard of each content hashed, by its hash, within a budget.
+    outboards: Arc<Mutex<Outboards>>,
     background: Arc<AtomicUsize>,
     inline_hash_max: u64,
     /// Background hashes finished, for tests to wait on.
     #[cfg(test)]
     hashed: Arc<(Mutex<usize>, std::sync::Condvar)>,
+    /// Held by a test to keep background hashes from starting.
+    #[cfg(test)]
+    gate: Arc<Mutex<()>>,
 }
 
 /// How an open is kept inside the folder.
@@ -253,10 +268,13 @@ impl Library {
             confine,
             options,
             hashes: Arc::default(),
+            outboards: Arc::default(),
             background: Arc::default(),
             inline_hash_max: INLINE_HASH_MAX,
             #[cfg(test)]
             hashed: Arc::default(),
+            #[cfg(test)]
+            gate: Arc::default(),
         })
     }
 
@@ -278,7 +296,8 @@ impl Library {
         let version = Version::of(&meta);
         let slot = self.slot(&key, version);
         if size <= self.inline_hash_max || always_inline {
-            let hash = hash_into(&slot.hash, &file, size).map_err(|e| refusal(name, e))?;
+            let hash = hash_into(&slot.hash, &file, size, &self.outboards)
+                .map_err(|e| refusal(name, e))?;
             record(&self.hashes, &key, slot.seq, version, hash, false);
             return Ok(Served { file, size, hash });
         }
@@ -469,13 +488,18 @@ impl Library {
         let message = busy();
         let background = Arc::clone(&self.background);
         let hashes = Arc::clone(&self.hashes);
+        let outboards = Arc::clone(&self.outboards);
         #[cfg(test)]
         let hashed = Arc::clone(&self.hashed);
+        #[cfg(test)]
+        let gate = Arc::clone(&self.gate);
         let name = name.clone();
         let seq = slot.seq;
         let spawned = thread::Builder::new().name("hash".into()).spawn(move || {
+            #[cfg(test)]
+            drop(lock(&gate));
             let started = Instant::now();
-            match hash_into(&slot.hash, &file, size) {
+            match hash_into(&slot.hash, &file, size, &outboards) {
                 Ok(hash) => {
                     let changed = file
                         .metadata()
@@ -505,6 +529,20 @@ impl Library {
             self.background.fetch_sub(1, Ordering::SeqCst);
         }
         Err(message)
+    }
+
+    /// The outboard of the content `served` (made when it was hashed, or
+    /// now from the open file if it was evicted since); `None` when the
+    /// file no longer has that content (it changed in place).
+    pub fn outboard(&self, served: &Served) -> io::Result<Option<Arc<Outboard>>> {
+        if let Some(found) = lock(&self.outboards).get(&served.hash) {
+            return Ok(Some(found));
+        }
+        let made = make_outboard(&served.file, served.size)?;
+        if made.hash() != served.hash {
+            return Ok(None);
+        }
+        Ok(Some(lock(&self.outboards).insert(made)))
     }
 
     /// Computes and caches the hash of every file listed, until `stop`.
@@ -734,20 +772,74 @@ fn open_checked(path: &Path) -> io::Result<File> {
 }
 
 /// Hashes the first `size` bytes of `file` into `slot`, unless a request
-/// for the same version already did; waits if one is at it. Reads at
-/// positions, so that the file's offset (shared with the request that
-/// sends it) is left alone.
-fn hash_into(slot: &Mutex<Option<ContentHash>>, file: &File, size: u64) -> io::Result<ContentHash> {
+/// for the same version already did; waits if one is at it. The outboard
+/// made on the way is kept in `outboards`. Reads at positions, so that the
+/// file's offset (shared with the request that sends it) is left alone.
+fn hash_into(
+    slot: &Mutex<Option<ContentHash>>,
+    file: &File,
+    size: u64,
+    outboards: &Mutex<Outboards>,
+) -> io::Result<ContentHash> {
     let mut done = slot.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(hash) = *done {
         return Ok(hash);
     }
-    // Only `size` bytes: a file still growing must hash to what is sent.
-    let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(ReadAt { file, at: 0 }.take(size))?;
-    let hash = hasher.finalize();
+    let made = make_outboard(file, size)?;
+    let hash = made.hash();
+    lock(outboards).insert(made);
     *done = Some(hash);
     Ok(hash)
+}
+
+/// The outboard of the first `size` bytes of `file` (only those: a file
+/// still growing must hash to what is sent), read by position.
+fn make_outboard(file: &File, size: u64) -> io::Result<Outboard> {
+    let reader = BufReader::with_capacity(HASH_READ, ReadAt { file, at: 0 }.take(size));
+    proof::outboard(reader, size)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Outboards by content hash, oldest evicted first once over
+/// `OUTBOARD_CACHE_BYTES`.
+#[derive(Default)]
+struct Outboards {
+    by_hash: HashMap<ContentHash, Arc<Outboard>>,
+    order: VecDeque<ContentHash>,
+    bytes: usize,
+}
+
+impl Outboards {
+    fn get(&self, hash: &ContentHash) -> Option<Arc<Outboard>> {
+        self.by_hash.get(hash).cloned()
+    }
+
+    /// Keeps `made` unless it alone is over the budget; returns it shared.
+    fn insert(&mut self, made: Outboard) -> Arc<Outboard> {
+        let hash = made.hash();
+        if let Some(found) = self.by_hash.get(&hash) {
+            return Arc::clone(found);
+        }
+        let made = Arc::new(made);
+        if made.bytes() > OUTBOARD_CACHE_BYTES {
+            return made;
+        }
+        while self.bytes + made.bytes() > OUTBOARD_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.by_hash.remove(&old) {
+                self.bytes -= gone.bytes();
+            }
+        }
+        self.bytes += made.bytes();
+        self.order.push_back(hash);
+        self.by_hash.insert(hash, Arc::clone(&made));
+        made
+    }
 }
 
 /// Reads a file from the start by position, not through its offset.
@@ -1115,7 +1207,8 @@ mod tests {
         // Grows after the size was taken: only 5 bytes go out, and the hash says so.
         let slot = Arc::new(Mutex::new(None));
         fs::write(&path, "hello, and more").unwrap();
-        let hash = hash_into(&slot, &File::open(&path).unwrap(), served.size).unwrap();
+        let outboards = Mutex::default();
+        let hash = hash_into(&slot, &File::open(&path).unwrap(), served.size, &outboards).unwrap();
         assert_eq!(hash, blake3::hash(b"hello"));
     }
 
@@ -1168,6 +1261,9 @@ mod tests {
         let mut started = 0;
         let mut served = None;
         for round in 0..10 {
+            // The log grows while the hash runs: the hash waits for it.
+            let gate = Arc::clone(&lib.gate);
+            let held = lock(&gate);
             match lib.open_file(&name("log")) {
                 Ok(s) => {
                     served = Some((round, s));
@@ -1178,6 +1274,7 @@ mod tests {
             started += 1;
             // The log grows while the hash runs, and before the next request.
             std::io::Write::write_all(&mut log, &[b'y'; 100]).unwrap();
+            drop(held);
             hashes_finished(&lib, started);
         }
         let (round, mut served) = served.expect("served within 10 requests");

@@ -1,5 +1,6 @@
 //! The accept loop and the handling of one connection: one request, then a
-//! file streamed by the kernel, or the folder's listing, or an error.
+//! file or a range of it streamed by the kernel (a range after its proof),
+//! or a file's size and hash, or the folder's listing, or an error.
 
 use std::{
     io::{self, BufRead, BufReader, Write},
@@ -10,8 +11,8 @@ use std::{
 use log::{debug, info, warn};
 use netkit::{close_gently, describe_io, Deadline};
 use protocol::{
-    peer::{FileHeader, Request, Response, MAX_FILES},
-    ErrorCode, ErrorReply, FileName, MAX_LINE,
+    peer::{proof, FileHeader, RangeHeader, Request, Response, CHANGED, MAX_FILES},
+    ContentHash, ErrorCode, ErrorReply, FileName, MAX_LINE,
 };
 
 use crate::{
@@ -84,6 +85,16 @@ fn respond<W: Outlet>(
             send_file(peer, out, &name, offset),
         ),
         Request::List => ("LIST".to_string(), send_list(peer, out)),
+        Request::Head { name } => (format!("HEAD {name:?}"), send_head(peer, out, &name)),
+        Request::Range {
+            name,
+            hash,
+            start,
+            end,
+        } => (
+            format!("RANGE {name:?} {start}-{end}"),
+            send_range(peer, out, &name, &hash, start, end),
+        ),
     })
 }
 
@@ -129,6 +140,90 @@ fn send_file<W: Outlet>(
         return Err(SendError::Shrank { sent, want });
     }
     Ok(format!("sent {sent} bytes"))
+}
+
+/// Answers the size and hash of a file, as `GET` would, without content.
+fn send_head<W: Outlet>(peer: &Peer, out: &mut W, name: &FileName) -> Result<String, SendError> {
+    let served = match peer.library.open_file(name) {
+        Ok(served) => served,
+        Err(refusal) => {
+            let summary = format!("refused: {refusal}");
+            Response::Error((&refusal).into()).write_to(out)?;
+            return Ok(summary);
+        }
+    };
+    Response::File(FileHeader {
+        size: served.size,
+        hash: served.hash,
+    })
+    .write_to(out)?;
+    Ok(format!("{} bytes", served.size))
+}
+
+/// Sends bytes `start..end` of the file after the proof that lets the
+/// client check each chunk group as it arrives, if the file still has the
+/// content `hash` names; a file that changed is answered `ERR changed`,
+/// never with bytes of another version.
+fn send_range<W: Outlet>(
+    peer: &Peer,
+    out: &mut W,
+    name: &FileName,
+    hash: &ContentHash,
+    start: u64,
+    end: u64,
+) -> Result<String, SendError> {
+    let refuse = |out: &mut W, code: ErrorCode, message: String| {
+        let summary = format!("refused: {message}");
+        Response::Error(ErrorReply::new(code, message)).write_to(out)?;
+        Ok(summary)
+    };
+    let changed = || ErrorCode::Other(CHANGED.into());
+    let served = match peer.library.open_file(name) {
+        Ok(served) => served,
+        Err(refusal) => {
+            let summary = format!("refused: {refusal}");
+            Response::Error((&refusal).into()).write_to(out)?;
+            return Ok(summary);
+        }
+    };
+    if served.hash != *hash {
+        let message = format!("{name:?} has other content now (hash {})", served.hash);
+        return refuse(out, changed(), message);
+    }
+    if let Err(e) = proof::check_range(served.size, start, end) {
+        return refuse(out, ErrorCode::BadRequest, format!("{name:?}: {e}"));
+    }
+    let outboard = match peer.library.outboard(&served) {
+        Ok(Some(outboard)) => outboard,
+        Ok(None) => {
+            let message = format!("{name:?} changed while it was being served");
+            return refuse(out, changed(), message);
+        }
+        Err(e) => {
+            warn!("cannot hash {name:?}: {e}");
+            return refuse(out, ErrorCode::Internal, format!("cannot read {name:?}"));
+        }
+    };
+    // Header and proof leave in one write, the content by sendfile.
+    let mut head = Vec::new();
+    Response::Range(RangeHeader {
+        size: served.size,
+        hash: served.hash,
+        proof: proof::proof_len(served.size, start, end),
+    })
+    .write_to(&mut head)?;
+    proof::encode_proof(&outboard, start, end, &mut head)?;
+    out.write_all(&head)?;
+    let mut file = served.file;
+    let want = end - start;
+    debug!("sending {want} bytes of {name:?} from {start}");
+    let sent =
+        stall::send(&mut file, start, want, out, peer.write_timeout).map_err(SendError::Broke)?;
+    if sent < want {
+        return Err(SendError::Shrank { sent, want });
+    }
+    let proof = head.len() - head.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+    Ok(format!("sent {sent} bytes and a proof of {proof} bytes"))
 }
 
 fn send_list<W: Write>(peer: &Peer, out: &mut W) -> Result<String, SendError> {
@@ -201,6 +296,91 @@ mod tests {
     }
 
     #[test]
+    fn head_answers_size_and_hash_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "hello world").unwrap();
+        let hash = blake3::hash(b"hello world");
+        assert_eq!(
+            ask(&peer(dir.path()), b"RP2P/1 HEAD a.txt\n"),
+            format!("FILE 11 {hash}\n").into_bytes()
+        );
+        assert!(ask(&peer(dir.path()), b"RP2P/1 HEAD b.txt\n").starts_with(b"ERR not-found"));
+    }
+
+    /// The reply to a range, as a client reads it: header, proof, bytes;
+    /// checked group by group against the hash.
+    fn fetch_range(peer: &Peer, name: &str, hash: &ContentHash, start: u64, end: u64) -> Vec<u8> {
+        let reply = ask(
+            peer,
+            format!("RP2P/1 RANGE {name} {hash} {start} {end}\n").as_bytes(),
+        );
+        let mut r = Cursor::new(reply);
+        let Response::Range(header) = Response::read_from(&mut r).unwrap() else {
+            panic!("not a range reply");
+        };
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut rest).unwrap();
+        let (proof_bytes, content) = rest.split_at(header.proof as usize);
+        let groups = proof::verify_proof(header.size, hash, start, end, proof_bytes).unwrap();
+        let mut at = 0;
+        for g in groups {
+            assert!(g.verify(&content[at..at + g.len]), "group at {}", g.offset);
+            at += g.len;
+        }
+        assert_eq!(at, content.len());
+        content.to_vec()
+    }
+
+    #[test]
+    fn a_range_comes_with_a_proof_that_checks_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(dir.path().join("big"), &content).unwrap();
+        let peer = peer(dir.path());
+        let hash = blake3::hash(&content);
+        assert!(fetch_range(&peer, "big", &hash, 0, 100_000) == content);
+        assert!(fetch_range(&peer, "big", &hash, 16384, 49152) == content[16384..49152]);
+        assert!(fetch_range(&peer, "big", &hash, 98304, 100_000) == content[98304..]);
+        for (line, expect) in [
+            (
+                format!("RP2P/1 RANGE big {hash} 1 16384\n"),
+                "ERR bad-request",
+            ),
+            (
+                format!("RP2P/1 RANGE big {hash} 0 100001\n"),
+                "ERR bad-request",
+            ),
+            (
+                format!("RP2P/1 RANGE big {} 0 16384\n", blake3::hash(b"x")),
+                "ERR changed",
+            ),
+            (
+                format!("RP2P/1 RANGE nope {hash} 0 16384\n"),
+                "ERR not-found",
+            ),
+        ] {
+            let reply = String::from_utf8_lossy(&ask(&peer, line.as_bytes())).into_owned();
+            assert!(reply.starts_with(expect), "{line}: {reply}");
+        }
+    }
+
+    #[test]
+    fn a_range_of_a_file_changed_since_it_was_hashed_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "old content").unwrap();
+        let peer = peer(dir.path());
+        let old = blake3::hash(b"old content");
+        assert_eq!(fetch_range(&peer, "a", &old, 0, 11), b"old content");
+        std::fs::write(dir.path().join("a"), "new content").unwrap();
+        let reply = ask(&peer, format!("RP2P/1 RANGE a {old} 0 11\n").as_bytes());
+        let reply = String::from_utf8(reply).unwrap();
+        assert!(
+            reply.starts_with("ERR changed \"a\" has other content now"),
+            "{reply}"
+        );
+    }
+
+    #[test]
     fn list_names_the_files() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a b.txt"), "x").unwrap();
@@ -245,7 +425,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_gets_never_panic(line in "RP2P/1 (GET|LIST|get)( [a-z./%0-9]{0,12}){0,3}\n") {
+        fn arbitrary_gets_never_panic(line in "RP2P/1 (GET|LIST|get|HEAD|RANGE)( [a-z./%0-9]{0,12}){0,3}( [0-9]{1,6}){0,2}\n") {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("a"), "content").unwrap();
             let _ = respond(&peer(dir.path()), &mut Cursor::new(line), &mut Vec::new());

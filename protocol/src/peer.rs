@@ -1,5 +1,9 @@
 //! The conversation between a client and a peer: fetch one file (from a byte
-//! offset, so that a broken transfer can resume elsewhere), or list them all.
+//! offset, so that a broken transfer can resume elsewhere), ask for its size
+//! and hash, fetch a range of it with the proof that lets each chunk group
+//! be checked as it arrives (see [`proof`]), or list them all.
+
+pub mod proof;
 
 use std::io::{self, BufRead, Write};
 
@@ -17,7 +21,22 @@ pub enum Request {
     Get { name: FileName, offset: u64 },
     /// "Which files do you have?"
     List,
+    /// "What size and hash has `name`?" Answered like `Get`, without content.
+    Head { name: FileName },
+    /// "Send me bytes `start..end` of `name` if it still hashes to `hash`,
+    /// with their proof." `start` is a multiple of [`proof::GROUP`], `end`
+    /// one too or the file's size.
+    Range {
+        name: FileName,
+        hash: ContentHash,
+        start: u64,
+        end: u64,
+    },
 }
+
+/// The code of the `ERR` that answers a `RANGE` for content the peer no
+/// longer has under that name (the file changed).
+pub const CHANGED: &str = "changed";
 
 impl Request {
     pub fn parse(line: &str) -> Result<Self, ProtocolError> {
@@ -32,6 +51,23 @@ impl Request {
                 Request::Get { name, offset }
             }
             "LIST" => Request::List,
+            "HEAD" => Request::Head {
+                name: FileName::decode(args.required("file name")?)?,
+            },
+            "RANGE" => {
+                let name = FileName::decode(args.required("file name")?)?;
+                let hash = args.required("hash")?;
+                let hash = ContentHash::from_hex(hash)
+                    .map_err(|_| ProtocolError::invalid("hash", hash))?;
+                let start = parse_num("start", args.required("start")?)?;
+                let end = parse_num("end", args.required("end")?)?;
+                Request::Range {
+                    name,
+                    hash,
+                    start,
+                    end,
+                }
+            }
             _ => return Err(ProtocolError::UnknownCommand(verb.to_string())),
         };
         args.finish()?;
@@ -59,6 +95,13 @@ impl Request {
                 writeln!(w, "{VERSION} GET {} {offset}", name.encode())
             }
             Request::List => writeln!(w, "{VERSION} LIST"),
+            Request::Head { name } => writeln!(w, "{VERSION} HEAD {}", name.encode()),
+            Request::Range {
+                name,
+                hash,
+                start,
+                end,
+            } => writeln!(w, "{VERSION} RANGE {} {hash} {start} {end}", name.encode()),
         }
     }
 }
@@ -73,6 +116,18 @@ pub struct FileHeader {
     pub hash: ContentHash,
 }
 
+/// The header of a range reply: `proof` bytes of proof follow it, then
+/// the `end - start` bytes of content asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeHeader {
+    /// The whole file's length in bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole file: the root the proof leads to.
+    pub hash: ContentHash,
+    /// The length of the proof, which the client can compute itself.
+    pub proof: u64,
+}
+
 /// One line of a `FILES` reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileEntry {
@@ -83,6 +138,7 @@ pub struct FileEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     File(FileHeader),
+    Range(RangeHeader),
     /// `truncated`: the peer has more files than it listed.
     Files {
         entries: Vec<FileEntry>,
@@ -108,6 +164,20 @@ impl Response {
                     size: parse_num("size", size)?,
                     hash: ContentHash::from_hex(hash)
                         .map_err(|_| ProtocolError::invalid("hash", hash))?,
+                })
+            }
+            "RANGE" => {
+                let mut words = rest.split(' ');
+                let (Some(size), Some(hash), Some(proof), None) =
+                    (words.next(), words.next(), words.next(), words.next())
+                else {
+                    return Err(ProtocolError::invalid("range header", &line));
+                };
+                Response::Range(RangeHeader {
+                    size: parse_num("size", size)?,
+                    hash: ContentHash::from_hex(hash)
+                        .map_err(|_| ProtocolError::invalid("hash", hash))?,
+                    proof: parse_num("proof length", proof)?,
                 })
             }
             "FILES" => {
@@ -137,6 +207,9 @@ impl Response {
     fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
         match self {
             Response::File(header) => writeln!(w, "FILE {} {}", header.size, header.hash),
+            Response::Range(header) => {
+                writeln!(w, "RANGE {} {} {}", header.size, header.hash, header.proof)
+            }
             Response::Files { entries, truncated } => {
                 if *truncated {
                     writeln!(w, "FILES {} {TRUNCATED}", entries.len())?;
@@ -198,6 +271,13 @@ mod tests {
                 offset: u64::MAX,
             },
             Request::List,
+            Request::Head { name: name("a b") },
+            Request::Range {
+                name: name("x/y"),
+                hash: blake3::hash(b"x"),
+                start: 16384,
+                end: u64::MAX,
+            },
         ] {
             assert_eq!(round_trip_request(&req), req);
         }
@@ -225,6 +305,22 @@ mod tests {
             ("RP2P/1 GET a 1 2", "unexpected argument \"2\""),
             ("RP2P/1 GET %zz", "invalid escape in file name \"%zz\""),
             ("RP2P/1 PUT a", "unknown command \"PUT\""),
+            ("RP2P/1 HEAD", "missing file name"),
+            ("RP2P/1 HEAD a b", "unexpected argument \"b\""),
+            ("RP2P/1 RANGE a", "missing hash"),
+            ("RP2P/1 RANGE a 00 0 1", "invalid hash \"00\""),
+            (
+                &format!("RP2P/1 RANGE a {} 0", blake3::hash(b"")),
+                "missing end",
+            ),
+            (
+                &format!("RP2P/1 RANGE a {} 0 +1", blake3::hash(b"")),
+                "invalid end \"+1\"",
+            ),
+            (
+                &format!("RP2P/1 RANGE a {} 0 1 2", blake3::hash(b"")),
+                "unexpected argument \"2\"",
+            ),
         ] {
             assert_eq!(Request::parse(line).unwrap_err().to_string(), expect);
         }
@@ -318,6 +414,10 @@ mod tests {
             b"FILES 0 cut\n",
             b"FILES 0 truncated more\n",
             b"FILES 0  truncated\n",
+            b"RANGE 3\n",
+            b"RANGE 3 00 0\n",
+            b"RANGE 3 af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262\n",
+            b"RANGE 3 af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262 0 1\n",
             b"OK\n",
         ] {
             assert!(
@@ -339,7 +439,7 @@ mod tests {
         }
 
         #[test]
-        fn response_parser_never_panics_on_near_misses(line in "(FILE|FILES|ERR) [0-9a-f ]{0,70}\n[0-9a-z ./%]{0,30}\n") {
+        fn response_parser_never_panics_on_near_misses(line in "(FILE|FILES|RANGE|ERR) [0-9a-f ]{0,90}\n[0-9a-z ./%]{0,30}\n") {
             let _ = Response::read_from(&mut Cursor::new(line.into_bytes()));
         }
 
@@ -361,6 +461,19 @@ mod tests {
                 .filter_map(|(size, n)| FileName::new(&n).ok().map(|name| FileEntry { size, name }))
                 .collect();
             let resp = Response::Files { entries, truncated };
+            let mut buf = Vec::new();
+            resp.write_to(&mut buf).unwrap();
+            prop_assert_eq!(Response::read_from(&mut Cursor::new(buf)).unwrap(), resp);
+        }
+
+        #[test]
+        fn ranges_round_trip(n in "[a-zA-Z0-9 %._-]{1,30}", bytes in any::<[u8; 32]>(), start in any::<u64>(), end in any::<u64>(), size in any::<u64>(), proof in any::<u64>()) {
+            let hash = ContentHash::from_bytes(bytes);
+            if let Ok(name) = FileName::new(&n) {
+                let req = Request::Range { name, hash, start, end };
+                prop_assert_eq!(round_trip_request(&req), req);
+            }
+            let resp = Response::Range(RangeHeader { size, hash, proof });
             let mut buf = Vec::new();
             resp.write_to(&mut buf).unwrap();
             prop_assert_eq!(Response::read_from(&mut Cursor::new(buf)).unwrap(), resp);

@@ -242,13 +242,53 @@ fn a_transfer_cut_off_half_way_resumes_from_another_peer() {
         content.len()
     );
     assert!(err.contains(&format!("peer {}:", victim.addr)), "{err}");
-    // The survivor was asked for the rest, not the whole file.
-    let resumed = survivor.log();
-    let line = resumed
-        .lines()
-        .find(|l| l.contains("GET \"big.bin\" from"))
-        .expect("survivor served");
-    assert!(!line.contains("from 0:"), "{line}");
+    // The survivor took over the victim's ranges.
+    assert!(survivor.log().contains("RANGE \"big.bin\""));
+}
+
+/// What a peer holding `content` answers to `line` (HEAD or RANGE), with
+/// the content of a range passed through `alter` (a liar's, a stalling
+/// peer's).
+fn range_reply(content: &[u8], line: &str, alter: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    use protocol::peer::proof;
+    let (size, hash) = (content.len() as u64, blake3::hash(content));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if words.get(1) != Some(&"RANGE") {
+        return format!("FILE {size} {hash}\n").into_bytes();
+    }
+    let start: u64 = words[4].parse().unwrap();
+    let end: u64 = words[5].parse().unwrap();
+    let outboard = proof::outboard(content, size).unwrap();
+    let mut reply = format!(
+        "RANGE {size} {hash} {}\n",
+        proof::proof_len(size, start, end)
+    )
+    .into_bytes();
+    proof::encode_proof(&outboard, start, end, &mut reply).unwrap();
+    let mut bytes = content[start as usize..end as usize].to_vec();
+    alter(&mut bytes);
+    reply.extend_from_slice(&bytes);
+    reply
+}
+
+/// A fake peer that answers each request line with `answer`, registered with `relay`.
+fn answering(relay: SocketAddr, answer: impl Fn(&str) -> Vec<u8> + Send + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            let _ = stream.write_all(&answer(&line));
+        }
+    });
+    let reply = raw_exchange(
+        relay,
+        format!("RP2P/1 REGISTER {}\n", addr.port()).as_bytes(),
+    );
+    assert!(reply.starts_with(b"REGISTERED"));
+    addr
 }
 
 /// A fake peer that answers every request with `reply`, and tells `relay`
@@ -354,9 +394,9 @@ fn corrupt_content_is_discarded_and_fetched_again_elsewhere() {
     let content = b"the real content\n";
     let good = folder_with(&[("f.txt", content)]);
     let net = Network::start(&[good.path()]);
-    let mut lie = format!("FILE {} {}\n", content.len(), blake3::hash(content)).into_bytes();
-    lie.extend_from_slice(b"the FAKE content\n");
-    let liar = liar(net.relay.addr, lie, &["f.txt"]);
+    let liar = answering(net.relay.addr, |line| {
+        range_reply(content, line, |bytes| bytes[4..8].copy_from_slice(b"FAKE"))
+    });
     // The liar first, always.
     let (size, hash) = (content.len() as u64, blake3::hash(content));
     let relay = relay_listing(vec![(liar, size, hash), (net.peers[0].addr, size, hash)]);
@@ -367,7 +407,9 @@ fn corrupt_content_is_discarded_and_fetched_again_elsewhere() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(fs::read(&dest).unwrap(), content);
     assert!(
-        stderr(&out).contains(&format!("peer {liar}: content does not match its hash")),
+        stderr(&out).contains(&format!(
+            "peer {liar}: sent bytes 0-17 that fail verification; dropped"
+        )),
         "{}",
         stderr(&out)
     );
@@ -392,11 +434,7 @@ fn a_failed_fetch_leaves_an_existing_file_alone() {
     for name in ["cut.bin", "nowhere.txt"] {
         let out = net.client(&["--timeout", "2", "get", name, "-o", dest.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-        assert!(
-            stderr(&out).contains("transfer stopped at 300 of 1000 bytes"),
-            "{}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains("cannot fetch"), "{}", stderr(&out));
     }
     assert_eq!(fs::read_to_string(&dest).unwrap(), "precious");
     assert_eq!(
@@ -516,8 +554,12 @@ fn stalling_peer(relay: SocketAddr, size: usize, sent: usize) -> SocketAddr {
             thread::spawn(move || {
                 let mut line = String::new();
                 let _ = BufReader::new(&stream).read_line(&mut line);
-                let mut reply = format!("FILE {size} {}\n", blake3::hash(b"whatever")).into_bytes();
-                reply.extend(std::iter::repeat_n(b'x', sent));
+                let content = vec![b'x'; size];
+                let mut reply = range_reply(&content, &line, |_| {});
+                if line.contains("RANGE") {
+                    // Header, proof and `sent` bytes of content.
+                    reply.truncate(reply.len() - (size - sent));
+                }
                 let _ = stream.write_all(&reply);
                 thread::sleep(Duration::from_secs(20));
             });
@@ -528,7 +570,7 @@ fn stalling_peer(relay: SocketAddr, size: usize, sent: usize) -> SocketAddr {
         addr.port(),
         &["f.bin"],
         size as u64,
-        blake3::hash(b"whatever"),
+        blake3::hash(&vec![b'x'; size]),
     );
     addr
 }
@@ -623,4 +665,53 @@ fn a_holder_that_deleted_the_file_since_is_skipped() {
     let out = client(relay, &["get", "f.txt"], "");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, content);
+}
+
+/// A file rewritten in place on the peer while it is being sent: the
+/// client notices at the first group of new bytes (or at the peer's
+/// refusal of the new version) and never writes a byte of the new content
+/// after the old.
+#[test]
+fn a_file_changed_on_a_peer_during_a_transfer_is_detected_never_mixed() {
+    let old = big_content(24 << 20);
+    let dir = folder_with(&[("big.bin", &old)]);
+    let net = Network::start_processes(&[dir.path()]);
+    // Nobody reads the client's stdout yet: the transfer stalls early.
+    let mut child = Command::new(bin("peer-client"))
+        .args(["127.0.0.1", &net.relay.port(), "get", "big.bin"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the peer is sending", || {
+        net.peers[0].log().contains("sending")
+    });
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
+    fs::write(dir.path().join("big.bin"), &new).unwrap();
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    let output = wait_output(child);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(3), "{err}");
+    assert!(
+        out.len() < old.len() && old.starts_with(&out),
+        "{} bytes out, not a prefix of the old content",
+        out.len()
+    );
+    assert!(
+        ["fail verification", "its file changed", "connection closed"]
+            .iter()
+            .any(|why| err.contains(why)),
+        "{err}"
+    );
+    // Once the index has the new version (the peer announces it when it
+    // has hashed it), the peer serves it whole.
+    let new_hash = blake3::hash(&new).to_hex().to_string();
+    eventually("the index has the new version", || {
+        stdout(&net.client(&["ls", "--long"])).contains(&new_hash)
+    });
+    let out = net.client(&["get", "big.bin"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout == new);
 }

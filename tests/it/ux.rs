@@ -200,7 +200,7 @@ fn exit_codes_follow_the_documented_scheme() {
     eventually("a peer logs the transfer", || {
         net.peers
             .iter()
-            .any(|p| logged(p, "GET \"alpha.txt\" from 0: sent 6 bytes"))
+            .any(|p| logged(p, "RANGE \"alpha.txt\" 0-6: sent 6 bytes"))
     });
     assert_eq!(net.client(&["get", "nowhere.txt"]).status.code(), Some(1));
     assert_eq!(net.client(&["ls", "--no-such-flag"]).status.code(), Some(2));
