@@ -9,6 +9,9 @@ pub use netkit::server::Running;
 
 mod announce;
 mod files;
+mod key;
+
+pub use key::{default_path as default_key_path, KeyError};
 mod serve;
 mod stall;
 mod watch;
@@ -48,6 +51,9 @@ pub struct Config {
     pub timeout: Duration,
     /// How long transfers in flight may go on after a stop.
     pub grace: Duration,
+    /// The file of the peer's key, made on first start; `None`: a key for
+    /// this run only.
+    pub key: Option<PathBuf>,
     /// Watch the folder and announce changes at once (otherwise the
     /// rescan at each heartbeat finds them).
     pub watch: bool,
@@ -71,6 +77,7 @@ impl Config {
             grace: Duration::from_secs(5),
             allow_hardlinks: false,
             watch: true,
+            key: None,
         }
     }
 }
@@ -81,6 +88,9 @@ pub enum StartError {
     /// The folder cannot be served.
     #[error(transparent)]
     Folder(#[from] files::FolderError),
+    /// The key cannot be had.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     /// The relay's name does not resolve (a relay that is only down is
     /// waited for: the peer serves meanwhile and keeps retrying).
     #[error("cannot resolve relay {relay}: {source}")]
@@ -130,7 +140,17 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
     info!("serving {} on {local}", library.root().display());
     let shutdown = Arc::new(Shutdown::new(local));
 
+    let identity = match &config.key {
+        Some(path) => key::load_or_create(path)?,
+        None => key::generate()?,
+    };
+    info!(
+        "peer id {} (key {})",
+        identity.key().short(),
+        identity.key()
+    );
     let peer = Arc::new(serve::Peer {
+        identity,
         library,
         idle_timeout: config.timeout,
         write_timeout: config.timeout,

@@ -11,6 +11,7 @@ use std::{
 use log::{debug, info, warn};
 use netkit::{close_gently, describe_io, Deadline};
 use protocol::{
+    identity::{address_message, Identity},
     peer::{proof, FileHeader, RangeHeader, Request, Response, CHANGED, MAX_FILES},
     ContentHash, ErrorCode, ErrorReply, FileName, MAX_LINE,
 };
@@ -25,6 +26,9 @@ pub(crate) struct Peer {
     pub(crate) library: Library,
     pub(crate) idle_timeout: Duration,
     pub(crate) write_timeout: Duration,
+    /// The key that names this peer: it signs what the peer tells the
+    /// relay, and proves the peer's address when the relay asks.
+    pub(crate) identity: Identity,
 }
 
 /// Serves one connection: one request (all of its line within the idle
@@ -95,6 +99,25 @@ fn respond<W: Outlet>(
             format!("RANGE {name:?} {start}-{end}"),
             send_range(peer, out, &name, &hash, start, end),
         ),
+        Request::Prove { nonce, addr } => {
+            // Whoever asks gets a signature binding this key to the
+            // address it names and its nonce: that proves nothing about
+            // anything else, so it is safe to give.
+            let sig = peer
+                .identity
+                .sign(&address_message(&nonce, &addr.to_string()));
+            let reply = Response::Proof {
+                key: peer.identity.key(),
+                sig,
+            };
+            (
+                format!("PROVE {addr}"),
+                reply
+                    .write_to(out)
+                    .map(|()| "proved".to_string())
+                    .map_err(Into::into),
+            )
+        }
     })
 }
 
@@ -261,6 +284,7 @@ mod tests {
             library: Library::open(dir).unwrap(),
             idle_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
+            identity: Identity::from_seed([1; 32]),
         }
     }
 

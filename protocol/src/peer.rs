@@ -8,8 +8,9 @@ pub mod proof;
 use std::io::{self, BufRead, Write};
 
 use crate::{
+    identity::{nonce_hex, parse_nonce, PeerKey, Signature},
     parse_num, read_items, read_line, read_reply_line, split_request, write_whole, ContentHash,
-    ErrorReply, FileName, ProtocolError, MAX_LINE, VERSION,
+    ErrorReply, FileName, PeerAddr, ProtocolError, MAX_LINE, VERSION,
 };
 
 /// The most entries a `FILES` reply may carry; peers list no more than this.
@@ -32,6 +33,9 @@ pub enum Request {
         start: u64,
         end: u64,
     },
+    /// From a relay checking an advertised address: "prove that you, at
+    /// `addr`, hold your key": sign [`crate::identity::address_message`].
+    Prove { nonce: [u8; 16], addr: PeerAddr },
 }
 
 /// The code of the `ERR` that answers a `RANGE` for content the peer no
@@ -68,6 +72,10 @@ impl Request {
                     end,
                 }
             }
+            "PROVE" => Request::Prove {
+                nonce: parse_nonce(args.required("nonce")?)?,
+                addr: args.required("address")?.parse()?,
+            },
             _ => return Err(ProtocolError::UnknownCommand(verb.to_string())),
         };
         args.finish()?;
@@ -102,6 +110,9 @@ impl Request {
                 start,
                 end,
             } => writeln!(w, "{VERSION} RANGE {} {hash} {start} {end}", name.encode()),
+            Request::Prove { nonce, addr } => {
+                writeln!(w, "{VERSION} PROVE {} {addr}", nonce_hex(nonce))
+            }
         }
     }
 }
@@ -143,6 +154,11 @@ pub enum Response {
     Files {
         entries: Vec<FileEntry>,
         truncated: bool,
+    },
+    /// The answer to `PROVE`: the peer's key and its signature.
+    Proof {
+        key: PeerKey,
+        sig: Signature,
     },
     Error(ErrorReply),
 }
@@ -192,6 +208,15 @@ impl Response {
                     truncated,
                 }
             }
+            "PROOF" => {
+                let (key, sig) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| ProtocolError::invalid("proof", &line))?;
+                Response::Proof {
+                    key: key.parse()?,
+                    sig: sig.parse()?,
+                }
+            }
             "ERR" => Response::Error(ErrorReply::parse(rest)?),
             _ => return Err(ProtocolError::UnexpectedReply(line)),
         })
@@ -221,6 +246,7 @@ impl Response {
                 }
                 Ok(())
             }
+            Response::Proof { key, sig } => writeln!(w, "PROOF {key} {sig}"),
             Response::Error(e) => e.encode(w),
         }
     }
@@ -277,6 +303,10 @@ mod tests {
                 hash: blake3::hash(b"x"),
                 start: 16384,
                 end: u64::MAX,
+            },
+            Request::Prove {
+                nonce: [7; 16],
+                addr: "[::1]:7000".parse().unwrap(),
             },
         ] {
             assert_eq!(round_trip_request(&req), req);
@@ -346,7 +376,12 @@ mod tests {
 
     #[test]
     fn lists_and_errors_round_trip() {
+        let me = crate::identity::Identity::from_seed([5; 32]);
         for resp in [
+            Response::Proof {
+                key: me.key(),
+                sig: me.sign(b"x"),
+            },
             Response::Files {
                 entries: vec![],
                 truncated: false,

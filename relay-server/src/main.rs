@@ -34,6 +34,10 @@ struct Args {
     /// Most holdings (one file on one peer) in the index; offers beyond are refused as busy
     #[arg(long, env = "RELAY_MAX_HOLDINGS", default_value_t = 20_000_000)]
     max_holdings: usize,
+    /// Only peers whose keys this file lists (one hex key a line, `#`
+    /// comments) may register; re-read on SIGHUP
+    #[arg(long, env = "RELAY_ALLOW_KEYS", value_name = "FILE")]
+    allow_keys: Option<std::path::PathBuf>,
     /// Close a connection that sends or accepts nothing for this many seconds
     #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     idle_timeout: u64,
@@ -65,6 +69,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         grace: Duration::from_secs(5),
         max_files_per_peer: args.max_files_per_peer as usize,
         max_holdings: args.max_holdings,
+        allow_keys: args.allow_keys.clone(),
     })?;
+    if args.allow_keys.is_some() {
+        let reload = relay.key_reloader();
+        let mut hangups = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+        // Lives as long as the process: SIGHUP can come at any time.
+        std::thread::Builder::new()
+            .name("sighup".into())
+            .spawn(move || {
+                for _ in hangups.forever() {
+                    match reload() {
+                        Ok(count) => log::info!("allowed keys reloaded: {}", count.unwrap_or(0)),
+                        Err(e) => log::warn!("{e}; keeping the keys read before"),
+                    }
+                }
+            })?;
+    }
     cli::serve_until_signal(relay).map_err(anyhow::Error::msg)
 }

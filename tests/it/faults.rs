@@ -183,6 +183,10 @@ fn peers_come_back_after_a_relay_restart() {
         "took {:?}",
         restarted.elapsed()
     );
+    // Its list follows its ANNOUNCE at once (the new relay asked for it).
+    eventually("the peer's files are indexed again", || {
+        stdout(&client(relay.addr, &["ls"], "")).contains("a.txt")
+    });
     let out = client(relay.addr, &["get", "a.txt"], "");
     assert_eq!(stdout(&out), "a\n", "{}", stderr(&out));
 }
@@ -283,11 +287,20 @@ fn answering(relay: SocketAddr, answer: impl Fn(&str) -> Vec<u8> + Send + 'stati
             let _ = stream.write_all(&answer(&line));
         }
     });
-    let reply = raw_exchange(
-        relay,
-        format!("RP2P/1 REGISTER {}\n", addr.port()).as_bytes(),
+    let register = protocol::relay::Request::Register {
+        port: addr.port(),
+        host: None,
+    };
+    let mut request = Vec::new();
+    register
+        .write_signed_to(&crate::harness::sign(addr.port(), &register), &mut request)
+        .unwrap();
+    let reply = raw_exchange(relay, &request);
+    assert!(
+        reply.starts_with(b"REGISTERED"),
+        "{}",
+        String::from_utf8_lossy(&reply)
     );
-    assert!(reply.starts_with(b"REGISTERED"));
     addr
 }
 
@@ -322,7 +335,15 @@ fn offer(relay: SocketAddr, port: u16, names: &[&str], size: u64, hash: blake3::
         })
         .collect();
     files.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut request = format!("RP2P/1 OFFER {port} {}\n", ListDigest::of(&files)).into_bytes();
+    let offer = protocol::relay::Request::Offer {
+        port,
+        digest: ListDigest::of(&files),
+        host: None,
+    };
+    let mut request = Vec::new();
+    offer
+        .write_signed_to(&crate::harness::sign(port, &offer), &mut request)
+        .unwrap();
     write_offer_body(&mut request, &files).unwrap();
     let reply = raw_exchange(relay, &request);
     assert!(
@@ -381,7 +402,11 @@ fn relay_listing(holders: Vec<(SocketAddr, u64, blake3::Hash)>) -> SocketAddr {
             let name = line.trim_end().rsplit(' ').next().unwrap_or("").to_string();
             let mut reply = format!("HOLDERS {}\n", holders.len());
             for (peer, size, hash) in &holders {
-                reply.push_str(&format!("{peer} {size} {hash} {} {name}\n", holders.len()));
+                let key = protocol::identity::Identity::from_seed([9; 32]).key();
+                reply.push_str(&format!(
+                    "{peer} {key} {size} {hash} {} {name}\n",
+                    holders.len()
+                ));
             }
             let _ = stream.write_all(reply.as_bytes());
         }
