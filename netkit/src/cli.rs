@@ -95,8 +95,21 @@ pub fn print_address(addr: SocketAddr) -> io::Result<()> {
 pub fn serve_until_signal(server: impl Running + Send) -> Result<(), String> {
     print_address(server.local_addr()).map_err(|e| format!("cannot write to stdout: {e}"))?;
     let shutdown = server.shutdown();
-    ctrlc::set_handler(move || shutdown.trigger())
-        .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    // SIGINT and SIGTERM only: SIGHUP is the relay's "reload", not "stop".
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    // Lives as long as the process: a signal can come at any time.
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                shutdown.trigger();
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     server.wait();
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::{fmt, time::Duration};
 
 use netkit::call::{self, CallError};
 use protocol::{
+    identity::PeerKey,
     index::{Holder, Listed, Pattern},
     relay::{Request, Response},
     ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
@@ -60,6 +61,19 @@ impl Relay {
         }
     }
 
+    /// The live peers with their keys; `None` from a relay that gives no keys.
+    pub fn peers_long(&self) -> Result<Option<Vec<(PeerAddr, PeerKey)>>, RelayError> {
+        match self.call_indexed(Request::PeersLong)? {
+            Some(Response::PeersLong(mut peers)) => {
+                let mut seen = std::collections::HashSet::new();
+                peers.retain(|(p, _)| seen.insert(*p));
+                Ok(Some(peers))
+            }
+            Some(other) => Err(self.unexpected(other)),
+            None => Ok(None),
+        }
+    }
+
     /// Who holds a file named `name`, from the relay's index; `None` from
     /// a relay that keeps no index (an older one).
     pub fn who(&self, name: &FileName) -> Result<Option<Vec<Holder>>, RelayError> {
@@ -104,7 +118,10 @@ impl Relay {
             Err(RelayError {
                 source: CallError::Refused(e),
                 ..
-            }) if e.code == ErrorCode::BadRequest && e.message.starts_with("unknown command") => {
+            }) if e.code == ErrorCode::BadRequest
+                && (e.message.starts_with("unknown command")
+                    || e.message.starts_with("unexpected argument")) =>
+            {
                 Ok(None)
             }
             other => other.map(Some),

@@ -45,7 +45,13 @@ pub fn run(relay: &Relay, limits: Limits) -> Result<(), Failure> {
             "help" | "?" => eprintln!("{HELP}"),
             "peers" => {
                 refresh(relay, &mut peers);
-                show(print::peers(&mut io::stdout(), &peers, Format::Text));
+                let listed: Vec<_> = peers.iter().map(|&p| (p, None)).collect();
+                show(print::peers(
+                    &mut io::stdout(),
+                    &listed,
+                    Format::Text,
+                    false,
+                ));
                 eprintln!("{} live peers", peers.len());
             }
             "ls" => ls(relay, &catalog, rest),

@@ -20,7 +20,7 @@ use std::{io, path::PathBuf, time::Duration};
 
 use clap::{builder::FalseyValueParser, Parser, Subcommand};
 use netkit::cli::Docs;
-use protocol::{index::Pattern, ContentHash, FileName, PeerAddr};
+use protocol::{identity::PeerKey, index::Pattern, ContentHash, FileName, PeerAddr};
 
 pub use crate::failure::Failure;
 use crate::{
@@ -91,7 +91,10 @@ enum Command {
     },
     /// Print the live peers, one IP:PORT per line
     Peers {
-        /// One JSON object per line: {"addr":"IP:PORT","ip":"IP","port":PORT}
+        /// Also each peer's id (the short form of its key)
+        #[arg(short, long)]
+        long: bool,
+        /// One JSON object per line: {"addr":"IP:PORT","ip":"IP","port":PORT,"key":"HEX"}
         #[arg(long)]
         json: bool,
     },
@@ -181,9 +184,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
             };
             get(&relay, limits, Wanted::new(name, hash), output, options)
         }
-        Some(Command::Peers { json }) => {
-            let peers = relay.peers()?;
-            stdout(print::peers(&mut io::stdout(), &peers, format(json)))
+        Some(Command::Peers { long, json }) => {
+            let peers: Vec<(PeerAddr, Option<PeerKey>)> = if long || json {
+                match relay.peers_long()? {
+                    Some(peers) => peers.into_iter().map(|(a, k)| (a, Some(k))).collect(),
+                    None => relay.peers()?.into_iter().map(|a| (a, None)).collect(),
+                }
+            } else {
+                relay.peers()?.into_iter().map(|a| (a, None)).collect()
+            };
+            stdout(print::peers(&mut io::stdout(), &peers, format(json), long))
         }
         Some(Command::Ls {
             pattern,

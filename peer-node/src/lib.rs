@@ -120,6 +120,16 @@ pub struct Node {
 /// Opens the folder, binds `config.bind`, starts serving, and registers
 /// with the relay, all in background threads.
 pub fn bind(config: Config) -> Result<Node, StartError> {
+    // First: a key that cannot be used is the one thing to say.
+    let identity = match &config.key {
+        Some(path) => key::load_or_create(path)?,
+        None => key::generate()?,
+    };
+    info!(
+        "peer id {} (key {})",
+        identity.key().short(),
+        identity.key()
+    );
     let options = files::Options {
         allow_hardlinks: config.allow_hardlinks,
     };
@@ -140,15 +150,6 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
     info!("serving {} on {local}", library.root().display());
     let shutdown = Arc::new(Shutdown::new(local));
 
-    let identity = match &config.key {
-        Some(path) => key::load_or_create(path)?,
-        None => key::generate()?,
-    };
-    info!(
-        "peer id {} (key {})",
-        identity.key().short(),
-        identity.key()
-    );
     let peer = Arc::new(serve::Peer {
         identity,
         library,
