@@ -237,6 +237,22 @@ mod tests {
         }
     }
 
+    /// The example in PROTOCOL.md, made with another implementation
+    /// (Python's PyNaCl), so that the spec and this crate agree.
+    #[test]
+    fn the_protocol_example_verifies() {
+        let me = Identity::from_seed([7; 32]);
+        let key = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c";
+        assert_eq!(me.key().to_string(), key);
+        let auth = me.authorize("RP2P/1 REGISTER 7000", 1_764_547_200_000);
+        assert_eq!(
+            auth.sig.to_string(),
+            "63aad81c69fc2f43a031107f2c42862809db2a33ea22e9e69ea02b4f32c97b02\
+             ec44b9e0cc9e3ddf26c7f4b8cbc527787d9e43a0bab0b9fae9fcba8239a75708"
+        );
+        assert!(auth.verifies("RP2P/1 REGISTER 7000"));
+    }
+
     proptest! {
         #[test]
         fn garbage_keys_and_signatures_never_panic(s in "\\PC{0,140}", bytes in any::<[u8; 32]>()) {
