@@ -16,7 +16,7 @@ mod print;
 mod progress;
 mod save;
 
-use std::{io, path::PathBuf, time::Duration};
+use std::{collections::HashMap, io, path::PathBuf, time::Duration};
 
 use clap::{builder::FalseyValueParser, Parser, Subcommand};
 use netkit::cli::Docs;
@@ -277,17 +277,19 @@ impl Wanted {
 /// Whom to ask for what: the holders the relay's index names (the
 /// version most of them hold, when they differ), or every live peer from
 /// a relay without an index.
-pub(crate) fn sources(
-    relay: &Relay,
-    wanted: &Wanted,
-) -> Result<(FileName, Vec<PeerAddr>, Option<ContentHash>), Failure> {
+pub(crate) fn sources(relay: &Relay, wanted: &Wanted) -> Result<Sources, Failure> {
     let holders = match wanted {
         Wanted::Name(name) => relay.who(name)?,
         Wanted::Hash(hash) => relay.who_has(*hash)?,
     };
     let Some(holders) = holders else {
         return match wanted {
-            Wanted::Name(name) => Ok((name.clone(), relay.peers()?, None)),
+            Wanted::Name(name) => Ok(Sources {
+                name: name.clone(),
+                peers: relay.peers()?,
+                expect: None,
+                keys: HashMap::new(),
+            }),
             Wanted::Hash(hash) => Err(Failure::NotHeld {
                 what: format!("content {hash} (this relay keeps no index to find it by)"),
             }),
@@ -323,12 +325,24 @@ pub(crate) fn sources(
             others.join(", ")
         );
     }
-    let peers = holders
+    let chosen: Vec<_> = holders
         .iter()
         .filter(|h| (&h.name, h.size, h.hash) == (name, size, hash))
-        .map(|h| h.addr)
         .collect();
-    Ok((name.clone(), peers, Some(hash)))
+    Ok(Sources {
+        name: name.clone(),
+        peers: chosen.iter().map(|h| h.addr).collect(),
+        expect: Some(hash),
+        keys: chosen.iter().map(|h| (h.addr, h.key)).collect(),
+    })
+}
+
+/// Whom `get` asks, for what, and the keys they must prove.
+pub(crate) struct Sources {
+    pub(crate) name: FileName,
+    pub(crate) peers: Vec<PeerAddr>,
+    pub(crate) expect: Option<ContentHash>,
+    pub(crate) keys: HashMap<PeerAddr, PeerKey>,
 }
 
 fn get(
@@ -338,13 +352,19 @@ fn get(
     output: Option<PathBuf>,
     options: Options,
 ) -> Result<(), Failure> {
-    let (name, peers, expect) = sources(relay, &wanted)?;
+    let Sources {
+        name,
+        peers,
+        expect,
+        keys,
+    } = sources(relay, &wanted)?;
     let name = &name;
     let mut bar = Bar::new(output.is_none());
     let mut fetcher = Fetcher {
         timeout: relay.timeout,
         limits,
         expect,
+        keys,
         note: &mut bar.printer(),
         progress: &mut bar,
     };

@@ -11,7 +11,7 @@ use std::{
 use log::{debug, info, warn};
 use netkit::{close_gently, describe_io, Deadline};
 use protocol::{
-    identity::{address_message, Identity},
+    identity::{address_message, file_message, Identity},
     peer::{proof, FileHeader, RangeHeader, Request, Response, CHANGED, MAX_FILES},
     ContentHash, ErrorCode, ErrorReply, FileName, MAX_LINE,
 };
@@ -89,7 +89,9 @@ fn respond<W: Outlet>(
             send_file(peer, out, &name, offset),
         ),
         Request::List => ("LIST".to_string(), send_list(peer, out)),
-        Request::Head { name } => (format!("HEAD {name:?}"), send_head(peer, out, &name)),
+        Request::Head { name, nonce } => {
+            (format!("HEAD {name:?}"), send_head(peer, out, &name, nonce))
+        }
         Request::Range {
             name,
             hash,
@@ -166,7 +168,13 @@ fn send_file<W: Outlet>(
 }
 
 /// Answers the size and hash of a file, as `GET` would, without content.
-fn send_head<W: Outlet>(peer: &Peer, out: &mut W, name: &FileName) -> Result<String, SendError> {
+/// The size and hash of `name`; with a nonce, signed by this peer's key.
+fn send_head<W: Outlet>(
+    peer: &Peer,
+    out: &mut W,
+    name: &FileName,
+    nonce: Option<[u8; 16]>,
+) -> Result<String, SendError> {
     let served = match peer.library.open_file(name) {
         Ok(served) => served,
         Err(refusal) => {
@@ -175,11 +183,24 @@ fn send_head<W: Outlet>(peer: &Peer, out: &mut W, name: &FileName) -> Result<Str
             return Ok(summary);
         }
     };
-    Response::File(FileHeader {
+    let header = FileHeader {
         size: served.size,
         hash: served.hash,
-    })
-    .write_to(out)?;
+    };
+    let reply = match nonce {
+        None => Response::File(header),
+        Some(nonce) => Response::Vouched {
+            header,
+            key: peer.identity.key(),
+            sig: peer.identity.sign(&file_message(
+                &nonce,
+                &name.encode(),
+                served.size,
+                &served.hash,
+            )),
+        },
+    };
+    reply.write_to(out)?;
     Ok(format!("{} bytes", served.size))
 }
 

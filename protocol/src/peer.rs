@@ -22,8 +22,12 @@ pub enum Request {
     Get { name: FileName, offset: u64 },
     /// "Which files do you have?"
     List,
-    /// "What size and hash has `name`?" Answered like `Get`, without content.
-    Head { name: FileName },
+    /// "What size and hash has `name`?" Answered like `Get`, without
+    /// content; with a `nonce`, "and sign that you say so" (`Vouched`).
+    Head {
+        name: FileName,
+        nonce: Option<[u8; 16]>,
+    },
     /// "Send me bytes `start..end` of `name` if it still hashes to `hash`,
     /// with their proof." `start` is a multiple of [`proof::GROUP`], `end`
     /// one too or the file's size.
@@ -57,6 +61,7 @@ impl Request {
             "LIST" => Request::List,
             "HEAD" => Request::Head {
                 name: FileName::decode(args.required("file name")?)?,
+                nonce: args.optional().map(parse_nonce).transpose()?,
             },
             "RANGE" => {
                 let name = FileName::decode(args.required("file name")?)?;
@@ -103,7 +108,13 @@ impl Request {
                 writeln!(w, "{VERSION} GET {} {offset}", name.encode())
             }
             Request::List => writeln!(w, "{VERSION} LIST"),
-            Request::Head { name } => writeln!(w, "{VERSION} HEAD {}", name.encode()),
+            Request::Head { name, nonce: None } => {
+                writeln!(w, "{VERSION} HEAD {}", name.encode())
+            }
+            Request::Head {
+                name,
+                nonce: Some(nonce),
+            } => writeln!(w, "{VERSION} HEAD {} {}", name.encode(), nonce_hex(nonce)),
             Request::Range {
                 name,
                 hash,
@@ -149,6 +160,15 @@ pub struct FileEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     File(FileHeader),
+    /// The answer to a `HEAD` with a nonce: the header, signed by the
+    /// peer's key over [`crate::identity::file_message`], so that a client
+    /// knows the peer it reached is the one the relay named.
+    /// `FILE <size> <hash> <key> <signature>` on the wire.
+    Vouched {
+        header: FileHeader,
+        key: PeerKey,
+        sig: Signature,
+    },
     Range(RangeHeader),
     /// `truncated`: the peer has more files than it listed.
     Files {
@@ -173,14 +193,23 @@ impl Response {
         let (word, rest) = line.split_once(' ').unwrap_or((&line, ""));
         Ok(match word {
             "FILE" => {
-                let (size, hash) = rest
-                    .split_once(' ')
-                    .ok_or_else(|| ProtocolError::invalid("file header", &line))?;
-                Response::File(FileHeader {
-                    size: parse_num("size", size)?,
-                    hash: ContentHash::from_hex(hash)
-                        .map_err(|_| ProtocolError::invalid("hash", hash))?,
-                })
+                let words: Vec<&str> = rest.split(' ').collect();
+                let header = |size: &str, hash: &str| -> Result<FileHeader, ProtocolError> {
+                    Ok(FileHeader {
+                        size: parse_num("size", size)?,
+                        hash: ContentHash::from_hex(hash)
+                            .map_err(|_| ProtocolError::invalid("hash", hash))?,
+                    })
+                };
+                match words[..] {
+                    [size, hash] => Response::File(header(size, hash)?),
+                    [size, hash, key, sig] => Response::Vouched {
+                        header: header(size, hash)?,
+                        key: key.parse()?,
+                        sig: sig.parse()?,
+                    },
+                    _ => return Err(ProtocolError::invalid("file header", &line)),
+                }
             }
             "RANGE" => {
                 let mut words = rest.split(' ');
@@ -232,6 +261,9 @@ impl Response {
     fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
         match self {
             Response::File(header) => writeln!(w, "FILE {} {}", header.size, header.hash),
+            Response::Vouched { header, key, sig } => {
+                writeln!(w, "FILE {} {} {key} {sig}", header.size, header.hash)
+            }
             Response::Range(header) => {
                 writeln!(w, "RANGE {} {} {}", header.size, header.hash, header.proof)
             }
@@ -297,7 +329,14 @@ mod tests {
                 offset: u64::MAX,
             },
             Request::List,
-            Request::Head { name: name("a b") },
+            Request::Head {
+                name: name("a b"),
+                nonce: None,
+            },
+            Request::Head {
+                name: name("a"),
+                nonce: Some([3; 16]),
+            },
             Request::Range {
                 name: name("x/y"),
                 hash: blake3::hash(b"x"),
@@ -336,7 +375,11 @@ mod tests {
             ("RP2P/1 GET %zz", "invalid escape in file name \"%zz\""),
             ("RP2P/1 PUT a", "unknown command \"PUT\""),
             ("RP2P/1 HEAD", "missing file name"),
-            ("RP2P/1 HEAD a b", "unexpected argument \"b\""),
+            ("RP2P/1 HEAD a b", "invalid nonce \"b\""),
+            (
+                &format!("RP2P/1 HEAD a {} c", "0".repeat(32)),
+                "unexpected argument \"c\"",
+            ),
             ("RP2P/1 RANGE a", "missing hash"),
             ("RP2P/1 RANGE a 00 0 1", "invalid hash \"00\""),
             (
@@ -381,6 +424,14 @@ mod tests {
             Response::Proof {
                 key: me.key(),
                 sig: me.sign(b"x"),
+            },
+            Response::Vouched {
+                header: FileHeader {
+                    size: 3,
+                    hash: blake3::hash(b"abc"),
+                },
+                key: me.key(),
+                sig: me.sign(b"y"),
             },
             Response::Files {
                 entries: vec![],

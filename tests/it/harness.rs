@@ -359,8 +359,54 @@ pub fn sign(port: u16, request: &relay::Request) -> protocol::identity::Auth {
         .as_millis() as u64;
     LAST.fetch_max(now, Ordering::SeqCst);
     let ts = LAST.fetch_add(1, Ordering::SeqCst) + 1;
-    let me = protocol::identity::Identity::from_seed(*blake3::hash(&port.to_le_bytes()).as_bytes());
-    me.authorize(&request.canonical(), ts)
+    identity(port).authorize(&request.canonical(), ts)
+}
+
+/// The key of the fake peer serving on `port`.
+pub fn identity(port: u16) -> protocol::identity::Identity {
+    protocol::identity::Identity::from_seed(*blake3::hash(&port.to_le_bytes()).as_bytes())
+}
+
+/// A fake peer's `reply` to `line`, signed as a real peer signs when the
+/// line is a `HEAD` with a nonce and the reply starts with its `FILE`
+/// header.
+pub fn vouch(port: u16, line: &str, reply: Vec<u8>) -> Vec<u8> {
+    use protocol::peer::{Request, Response};
+    let Ok(Request::Head {
+        name,
+        nonce: Some(nonce),
+    }) = Request::parse(line.trim_end())
+    else {
+        return reply;
+    };
+    let Ok(Response::File(header)) = Response::read_from(&mut &reply[..]) else {
+        return reply;
+    };
+    let me = identity(port);
+    let message =
+        protocol::identity::file_message(&nonce, &name.encode(), header.size, &header.hash);
+    let mut signed = Vec::new();
+    let _ = Response::Vouched {
+        header,
+        key: me.key(),
+        sig: me.sign(&message),
+    }
+    .write_to(&mut signed);
+    signed
+}
+
+/// The keys a relay knows its live peers by.
+pub fn keys(
+    relay: SocketAddr,
+) -> std::collections::HashMap<SocketAddr, protocol::identity::PeerKey> {
+    let reply = raw_exchange(relay, b"RP2P/1 PEERS LONG\n");
+    match relay::Response::read_from(&mut &reply[..]) {
+        Ok(relay::Response::PeersLong(peers)) => peers
+            .into_iter()
+            .map(|(addr, key)| (addr.socket_addr(), key))
+            .collect(),
+        other => panic!("no keys from the relay: {other:?}"),
+    }
 }
 
 /// Regular files under `dir`, as a peer serving it with the defaults would
