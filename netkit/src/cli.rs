@@ -126,6 +126,30 @@ pub fn exit(name: &str, result: Result<(), impl std::fmt::Display>) -> std::proc
     }
 }
 
+/// A private network's secret from `path`: 64 hex digits (32 bytes) on its
+/// first line, in a file others cannot read. `openssl rand -hex 32 > FILE`
+/// makes one.
+pub fn read_secret(path: &std::path::Path) -> Result<[u8; 32], String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read {shown}: {e}"))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "secret file {shown} can be read by others (mode {mode:o}): run chmod 600 on it"
+            ));
+        }
+    }
+    protocol::identity::parse_secret(text.lines().next().unwrap_or("").trim())
+        .map_err(|_| format!("secret file {shown} does not hold 64 hex digits"))
+}
+
 /// A size or a rate in bytes: a whole number, plain or with a K, M, G or
 /// T suffix (powers of 1024, either case): `65536`, `64K`, `10M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {

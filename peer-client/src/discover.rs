@@ -1,10 +1,13 @@
 //! Talking to the relay: who is live, and how is the relay doing.
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use netkit::call::{self, CallError};
 use protocol::{
-    identity::PeerKey,
+    identity::{NetworkMac, PeerKey},
     index::{Holder, Listed, Pattern},
     relay::{Request, Response},
     ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
@@ -22,6 +25,8 @@ pub struct Relay {
     pub port: u16,
     /// The longest any step of a conversation may take.
     pub timeout: Duration,
+    /// A private network's secret, which every lookup then carries a MAC of.
+    pub secret: Option<[u8; 32]>,
 }
 
 /// A conversation with the relay failed.
@@ -140,7 +145,16 @@ impl Relay {
         let reply = call::call(
             (self.host.as_str(), self.port),
             self.timeout,
-            |w| request.write_to(w),
+            |w| match &self.secret {
+                Some(secret) => {
+                    let ts = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let mac = NetworkMac::new(secret, &request.canonical(), ts);
+                    request.write_with_mac_to(&mac, w)
+                }
+                None => request.write_to(w),
+            },
             |r| Response::read_from(r),
         );
         match reply {

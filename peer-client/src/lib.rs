@@ -45,6 +45,10 @@ pub struct Args {
     /// Seconds to wait for a connection, and for each read, before giving up on a peer
     #[arg(long, env = "PEER_CLIENT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
+    /// The private network's secret file (64 hex digits, mode 0600), for a
+    /// relay that serves only clients that know it
+    #[arg(long, env = "PEER_CLIENT_NETWORK_SECRET", value_name = "FILE")]
+    network_secret: Option<PathBuf>,
     /// Refuse files bigger than this many bytes (K, M, G, T suffixes)
     #[arg(long, env = "PEER_CLIENT_MAX_SIZE", value_name = "SIZE", value_parser = netkit::cli::parse_size)]
     max_size: Option<u64>,
@@ -161,10 +165,17 @@ impl Args {
 /// Carries out one command line.
 pub fn run(args: Args) -> Result<(), Failure> {
     save::clean_up_on_interrupt().map_err(Failure::Signal)?;
+    let secret = args
+        .network_secret
+        .as_deref()
+        .map(netkit::cli::read_secret)
+        .transpose()
+        .map_err(Failure::Secret)?;
     let relay = Relay {
         host: args.host,
         port: args.port,
         timeout: Duration::from_secs(args.timeout),
+        secret,
     };
     let limits = Limits {
         max_size: args.max_size,

@@ -36,6 +36,54 @@ pub struct Auth {
     pub sig: Signature,
 }
 
+/// What a client of a private network adds to a lookup: `TS <unix-ms> MAC
+/// <mac>`, the MAC being keyed BLAKE3, with the network's 32-byte secret,
+/// over [`lookup_message`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetworkMac {
+    /// When, in milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// The MAC.
+    pub mac: [u8; 32],
+}
+
+/// What a network MAC covers: the context, the request line as this crate
+/// encodes it, and `TS <ts>`.
+pub fn lookup_message(canonical_line: &str, ts: u64) -> Vec<u8> {
+    format!("relay-p2p lookup v1\n{canonical_line} TS {ts}").into_bytes()
+}
+
+impl NetworkMac {
+    /// The MAC of `canonical_line` at `ts` with `secret`.
+    pub fn new(secret: &[u8; 32], canonical_line: &str, ts: u64) -> Self {
+        let mac = *blake3::keyed_hash(secret, &lookup_message(canonical_line, ts)).as_bytes();
+        NetworkMac { ts, mac }
+    }
+
+    /// True when this MAC was made with `secret` over `canonical_line`.
+    pub fn verifies(&self, secret: &[u8; 32], canonical_line: &str) -> bool {
+        // blake3::Hash compares in constant time.
+        blake3::keyed_hash(secret, &lookup_message(canonical_line, self.ts))
+            == blake3::Hash::from(self.mac)
+    }
+}
+
+impl fmt::Display for NetworkMac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TS {} MAC {}", self.ts, hex(&self.mac))
+    }
+}
+
+/// A network secret as kept in a file: 64 hex digits.
+pub fn parse_secret(s: &str) -> Result<[u8; 32], ProtocolError> {
+    unhex(s, "network secret")
+}
+
+/// A MAC as 64 hex digits.
+pub(crate) fn parse_mac(s: &str) -> Result<[u8; 32], ProtocolError> {
+    unhex(s, "mac")
+}
+
 /// What a relay request's signature covers: the context, the request line
 /// as this crate encodes it (without its line end), and `KEY <key> TS <ts>`.
 pub fn request_message(canonical_line: &str, key: &PeerKey, ts: u64) -> Vec<u8> {
@@ -235,6 +283,15 @@ mod tests {
         for bad in ["", "00", &"g".repeat(64), &"A".repeat(64)] {
             assert!(bad.parse::<PeerKey>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_network_mac_needs_the_secret_and_the_same_line() {
+        let mac = NetworkMac::new(&[1; 32], "RP2P/1 PEERS", 5);
+        assert!(mac.verifies(&[1; 32], "RP2P/1 PEERS"));
+        assert!(!mac.verifies(&[2; 32], "RP2P/1 PEERS"));
+        assert!(!mac.verifies(&[1; 32], "RP2P/1 STATS"));
+        assert!(!NetworkMac { ts: 6, ..mac }.verifies(&[1; 32], "RP2P/1 PEERS"));
     }
 
     /// The example in PROTOCOL.md, made with another implementation

@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     error::is_token,
-    identity::{Auth, PeerKey},
+    identity::{parse_mac, Auth, NetworkMac, PeerKey},
     index::{parse_hash, read_lines, Holder, ListDigest, Listed, Pattern},
     parse_num, read_items, read_line, read_reply_line, split_request, write_whole, ContentHash,
     ErrorReply, FileName, PeerAddr, ProtocolError, MAX_LINE, VERSION,
@@ -125,34 +125,39 @@ impl Request {
         }
     }
 
-    /// Parses a request that may end in a signature,
-    /// `... KEY <key> TS <ts> SIG <signature>` (see [`Auth`]).
-    pub fn parse_signed(line: &str) -> Result<(Self, Option<Auth>), ProtocolError> {
+    /// Parses a request that may end in a credential: a peer's signature,
+    /// `... KEY <key> TS <ts> SIG <signature>` (see [`Auth`]), or a private
+    /// network's MAC, `... TS <ts> MAC <mac>` (see [`NetworkMac`]).
+    pub fn parse_signed(line: &str) -> Result<(Self, Option<Credential>), ProtocolError> {
         let words: Vec<&str> = crate::words(line).collect();
         let Some(at) = words
             .iter()
             .skip(2)
-            .position(|w| *w == "KEY")
+            .position(|w| *w == "KEY" || *w == "TS")
             .map(|i| i + 2)
         else {
             return Ok((Request::parse(line)?, None));
         };
         let request = Request::parse(&words[..at].join(" "))?;
-        let auth = match &words[at..] {
-            ["KEY", key, "TS", ts, "SIG", sig] => Auth {
+        let credential = match &words[at..] {
+            ["KEY", key, "TS", ts, "SIG", sig] => Credential::Signed(Auth {
                 key: key.parse()?,
                 ts: parse_num("timestamp", ts)?,
                 sig: sig.parse()?,
-            },
+            }),
+            ["TS", ts, "MAC", mac] => Credential::Network(NetworkMac {
+                ts: parse_num("timestamp", ts)?,
+                mac: parse_mac(mac)?,
+            }),
             _ => return Err(ProtocolError::invalid("signature", &words[at..].join(" "))),
         };
-        Ok((request, Some(auth)))
+        Ok((request, Some(credential)))
     }
 
-    /// Reads one request and its signature, if it has one.
+    /// Reads one request and its credential, if it has one.
     pub fn read_signed_from<R: BufRead + ?Sized>(
         r: &mut R,
-    ) -> Result<Option<(Self, Option<Auth>)>, ProtocolError> {
+    ) -> Result<Option<(Self, Option<Credential>)>, ProtocolError> {
         match read_line(r, MAX_LINE)? {
             Some(line) => Request::parse_signed(&line).map(Some),
             None => Ok(None),
@@ -172,6 +177,38 @@ impl Request {
     /// Writes the request with its signature, in one write.
     pub fn write_signed_to<W: Write + ?Sized>(&self, auth: &Auth, w: &mut W) -> io::Result<()> {
         write_whole(w, |buf| writeln!(buf, "{} {auth}", self.canonical()))
+    }
+
+    /// Writes the request with a private network's MAC, in one write.
+    pub fn write_with_mac_to<W: Write + ?Sized>(
+        &self,
+        mac: &NetworkMac,
+        w: &mut W,
+    ) -> io::Result<()> {
+        write_whole(w, |buf| writeln!(buf, "{} {mac}", self.canonical()))
+    }
+}
+
+/// What proves a request may be made: a peer's signature, or the MAC of a
+/// private network's clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// Signed by a peer's key.
+    Signed(Auth),
+    /// Made with the network's secret.
+    Network(NetworkMac),
+}
+
+impl Request {
+    /// True for requests that change the registry, which a peer signs.
+    pub fn changes_registry(&self) -> bool {
+        matches!(
+            self,
+            Request::Register { .. }
+                | Request::Unregister { .. }
+                | Request::Announce { .. }
+                | Request::Offer { .. }
+        )
     }
 
     /// Writes the message with a single `write_all`, so that it leaves in
@@ -455,12 +492,24 @@ mod tests {
         let line = String::from_utf8(line).unwrap();
         let (back, got) = Request::parse_signed(line.trim_end()).unwrap();
         assert_eq!(back, request);
-        assert_eq!(got, Some(auth));
-        assert!(got.unwrap().verifies(&back.canonical()));
+        assert_eq!(got, Some(Credential::Signed(auth)));
+        assert!(auth.verifies(&back.canonical()));
         // Tabs and extra spaces do not change what was signed.
         let spaced = line.trim_end().replace(' ', " \t ");
         let (back, got) = Request::parse_signed(&spaced).unwrap();
-        assert!(got.unwrap().verifies(&back.canonical()));
+        let Some(Credential::Signed(got)) = got else {
+            panic!("no signature")
+        };
+        assert!(got.verifies(&back.canonical()));
+        let mac = NetworkMac::new(&[4; 32], "RP2P/1 PEERS", 9);
+        let mut line = Vec::new();
+        Request::Peers.write_with_mac_to(&mac, &mut line).unwrap();
+        let (back, got) =
+            Request::parse_signed(String::from_utf8(line).unwrap().trim_end()).unwrap();
+        assert_eq!(
+            (back, got),
+            (Request::Peers, Some(Credential::Network(mac)))
+        );
         // Unsigned requests parse as before; a broken trailer does not.
         assert_eq!(
             Request::parse_signed("RP2P/1 PEERS").unwrap(),

@@ -57,6 +57,8 @@ pub struct Config {
     /// `--allow-keys`: only the peers whose keys this file lists may
     /// register (re-read by [`Relay::reload_allowed_keys`], on SIGHUP).
     pub allow_keys: Option<std::path::PathBuf>,
+    /// A private network's secret: lookups must carry a MAC made with it.
+    pub network_secret: Option<[u8; 32]>,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             max_files_per_peer: 10_000,
             max_holdings: 20_000_000,
             allow_keys: None,
+            network_secret: None,
         }
     }
 }
@@ -101,6 +104,7 @@ pub fn bind(config: Config) -> Result<Relay, BindError> {
     let trust = trust::Trust::new(
         local.ip().is_loopback(),
         config.allow_keys.clone(),
+        config.network_secret,
         config.ttl,
         config.max_registered,
     )?;

@@ -38,6 +38,10 @@ struct Args {
     /// comments) may register; re-read on SIGHUP
     #[arg(long, env = "RELAY_ALLOW_KEYS", value_name = "FILE")]
     allow_keys: Option<std::path::PathBuf>,
+    /// Serve lookups only to clients that know this network's secret (a
+    /// file of 64 hex digits, mode 0600)
+    #[arg(long, env = "RELAY_NETWORK_SECRET", value_name = "FILE")]
+    network_secret: Option<std::path::PathBuf>,
     /// Close a connection that sends or accepts nothing for this many seconds
     #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     idle_timeout: u64,
@@ -59,6 +63,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let network_secret = args
+        .network_secret
+        .as_deref()
+        .map(cli::read_secret)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let relay = relay_server::bind(relay_server::Config {
         bind: SocketAddr::new(args.bind, args.port),
         ttl: Duration::from_secs(args.ttl),
@@ -70,6 +80,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_files_per_peer: args.max_files_per_peer as usize,
         max_holdings: args.max_holdings,
         allow_keys: args.allow_keys.clone(),
+        network_secret,
     })?;
     if args.allow_keys.is_some() {
         let reload = relay.key_reloader();

@@ -15,7 +15,7 @@ use netkit::{close_gently, describe_io, server::Connections, Deadline, Shutdown}
 use protocol::{
     identity::Auth,
     index::{read_offer_body, ListDigest, Pattern},
-    relay::{Request, Response},
+    relay::{Credential, Request, Response},
     ErrorCode, ErrorReply, FileName, PeerAddr, ProtocolError, MAX_LINE,
 };
 
@@ -137,7 +137,9 @@ impl State {
         extend: &dyn Fn(),
     ) -> Option<(String, Response)> {
         match Request::read_signed_from(input) {
-            Ok(Some((request, auth))) => Some(self.answer(request, auth, from, input, extend)),
+            Ok(Some((request, credential))) => {
+                Some(self.answer(request, credential, from, input, extend))
+            }
             Ok(None) => None,
             Err(e) => Some(self.refuse(&e)),
         }
@@ -228,13 +230,24 @@ impl State {
     fn answer(
         &self,
         request: Request,
-        auth: Option<Auth>,
+        credential: Option<Credential>,
         from: IpAddr,
         input: &mut dyn BufRead,
         extend: &dyn Fn(),
     ) -> (String, Response) {
         let now = Instant::now();
         let ttl_secs = self.registry.ttl().as_secs();
+        let auth = match credential {
+            Some(Credential::Signed(auth)) => Some(auth),
+            _ => None,
+        };
+        if !request.changes_registry() {
+            if let Err(why) = self.trust.check_lookup(&request, credential) {
+                bump(&self.stats.forbidden);
+                let reply = ErrorReply::new(ErrorCode::Forbidden, &why);
+                return (format!("{} refused: {why}", verb(&request)), reply.into());
+            }
+        }
         match request {
             Request::Register { port, host } => {
                 let (peer, auth) = match self.speaker(&request, auth, from, port, host) {
@@ -474,7 +487,7 @@ mod tests {
 
     /// A relay on loopback, as the tests' requests come from loopback.
     fn state(config: Config) -> State {
-        let trust = Trust::new(true, None, config.ttl, 100).unwrap();
+        let trust = Trust::new(true, None, None, config.ttl, 100).unwrap();
         State::new(&config, Arc::default(), trust)
     }
 

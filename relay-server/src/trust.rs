@@ -22,7 +22,7 @@ use std::{
 use protocol::{
     identity::{address_message, Auth, PeerKey},
     peer::{Request as PeerRequest, Response as PeerResponse},
-    relay::Request,
+    relay::{Credential, Request},
     PeerAddr,
 };
 
@@ -34,6 +34,8 @@ const PROVE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) struct Trust {
     /// The relay listens on loopback only: a network on one machine.
     loopback_only: bool,
+    /// `--network-secret`: lookups must carry a MAC made with it.
+    network_secret: Option<[u8; 32]>,
     /// `--allow-keys`: the file, and the keys it held when last read.
     allow_file: Option<PathBuf>,
     allowed: RwLock<Option<HashSet<PeerKey>>>,
@@ -61,6 +63,8 @@ pub(crate) enum Distrust {
     Unproven { addr: PeerAddr, why: String },
     #[error("invalid address: {0}")]
     Invalid(String),
+    #[error("this relay serves its own network only: lookups need the network's MAC (peer-client --network-secret FILE)")]
+    Outsider,
 }
 
 /// Why the allowed keys could not be read.
@@ -78,11 +82,13 @@ impl Trust {
     pub(crate) fn new(
         loopback_only: bool,
         allow_file: Option<PathBuf>,
+        network_secret: Option<[u8; 32]>,
         ttl: Duration,
         max_proven: usize,
     ) -> Result<Self, AllowError> {
         let trust = Trust {
             loopback_only,
+            network_secret,
             allow_file,
             allowed: RwLock::new(None),
             proven: Mutex::default(),
@@ -122,19 +128,30 @@ impl Trust {
         Ok(Some(count))
     }
 
+    /// A lookup's MAC, on a relay with a network secret.
+    pub(crate) fn check_lookup(
+        &self,
+        request: &Request,
+        credential: Option<Credential>,
+    ) -> Result<(), Distrust> {
+        let Some(secret) = &self.network_secret else {
+            return Ok(());
+        };
+        match credential {
+            Some(Credential::Network(mac)) if mac.verifies(secret, &request.canonical()) => {
+                check_clock(mac.ts)
+            }
+            _ => Err(Distrust::Outsider),
+        }
+    }
+
     /// The signature of a request that changes the registry.
     pub(crate) fn check(&self, request: &Request, auth: Option<Auth>) -> Result<Auth, Distrust> {
         let auth = auth.ok_or(Distrust::Unsigned)?;
         if !auth.verifies(&request.canonical()) {
             return Err(Distrust::BadSignature);
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let off = now.abs_diff(auth.ts);
-        if off > MAX_SKEW.as_millis() as u64 {
-            return Err(Distrust::Clock(off / 1000));
-        }
+        check_clock(auth.ts)?;
         let allowed = self.allowed.read().unwrap_or_else(|p| p.into_inner());
         if allowed
             .as_ref()
@@ -209,6 +226,18 @@ impl Trust {
     }
 }
 
+/// A request's time, against the relay's clock.
+fn check_clock(ts: u64) -> Result<(), Distrust> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let off = now.abs_diff(ts);
+    if off > MAX_SKEW.as_millis() as u64 {
+        return Err(Distrust::Clock(off / 1000));
+    }
+    Ok(())
+}
+
 /// Loopback, link-local or unspecified: an address that means "this
 /// machine" or "this link" to whoever uses it.
 fn is_local(ip: IpAddr) -> bool {
@@ -244,7 +273,7 @@ mod tests {
     #[test]
     fn a_relay_on_a_public_address_lists_no_loopback_peer() {
         let key = protocol::identity::Identity::from_seed([1; 32]).key();
-        let open = Trust::new(false, None, Duration::from_secs(90), 10).unwrap();
+        let open = Trust::new(false, None, None, Duration::from_secs(90), 10).unwrap();
         assert!(matches!(
             open.listed_addr("127.0.0.1".parse().unwrap(), 7000, None, &key),
             Err(Distrust::Local(_))
@@ -255,7 +284,7 @@ mod tests {
                 .to_string(),
             "192.0.2.7:7000"
         );
-        let local = Trust::new(true, None, Duration::from_secs(90), 10).unwrap();
+        let local = Trust::new(true, None, None, Duration::from_secs(90), 10).unwrap();
         assert!(local
             .listed_addr("127.0.0.1".parse().unwrap(), 7000, None, &key)
             .is_ok());

@@ -150,3 +150,45 @@ fn a_private_relay_lists_only_the_keys_it_allows_and_rereads_them_on_sighup() {
     });
     assert_eq!(live_peers(relay.addr)[0].port(), first.addr.port());
 }
+
+#[test]
+fn a_relay_with_a_network_secret_answers_only_clients_that_know_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    fs::write(&secret, format!("{}\n", "5a".repeat(32))).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let secret_arg = secret.to_str().unwrap();
+    let relay = Server::relay(&["--network-secret", secret_arg]);
+    let files = tempfile::tempdir().unwrap();
+    fs::write(files.path().join("team.txt"), "for the team\n").unwrap();
+    let _peer = Server::peer(relay.addr, files.path(), &[]);
+    let insider = |args: &[&str]| {
+        let mut all = vec!["--network-secret", secret_arg];
+        all.extend_from_slice(args);
+        client(relay.addr, &all, "")
+    };
+    eventually("the file is indexed", || {
+        stdout(&insider(&["ls"])).contains("team.txt")
+    });
+    let out = insider(&["get", "team.txt"]);
+    assert_eq!(stdout(&out), "for the team\n", "{}", stderr(&out));
+    for args in [&["ls"][..], &["get", "team.txt"], &["peers"], &["stats"]] {
+        let out = client(relay.addr, args, "");
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("serves its own network only"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // The wrong secret is no better than none.
+    let wrong = dir.path().join("wrong");
+    fs::write(&wrong, format!("{}\n", "a5".repeat(32))).unwrap();
+    fs::set_permissions(&wrong, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = client(
+        relay.addr,
+        &["--network-secret", wrong.to_str().unwrap(), "ls"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+}
