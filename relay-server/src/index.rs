@@ -42,8 +42,13 @@ struct Inner {
     free_peers: Vec<PeerId>,
     versions: Vec<Option<Version>>,
     free_versions: Vec<VersionId>,
-    names: BTreeMap<Arc<str>, Vec<VersionId>>,
-    by_hash: HashMap<ContentHash, Vec<VersionId>>,
+    /// Each name's most recent version; the others are chained from it
+    /// (`Version::next_same_name`): most names have one version, and a
+    /// `Vec` per name cost more than the chain.
+    names: BTreeMap<Arc<str>, VersionId>,
+    /// Versions by the first 8 bytes of their hash, chained likewise;
+    /// the full hash is compared on the way.
+    by_hash: HashMap<u64, VersionId>,
     holdings: usize,
 }
 
@@ -61,6 +66,20 @@ struct Version {
     hash: ContentHash,
     /// Who holds it, each with the place of this version in its files.
     holders: Vec<(PeerId, u32)>,
+    /// The next version of the same name, `NONE` at the end.
+    next_same_name: VersionId,
+    /// The next version whose hash has the same first 8 bytes.
+    next_same_hash: VersionId,
+}
+
+/// The end of a chain of versions.
+const NONE: VersionId = VersionId::MAX;
+
+/// The key of `by_hash`.
+fn prefix(hash: &ContentHash) -> u64 {
+    let mut first = [0; 8];
+    first.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// Why a list was not indexed.
@@ -125,7 +144,7 @@ impl Index {
             });
         }
         inner.remove(&peer);
-        let id = inner.add_peer(peer, key, digest);
+        let id = inner.add_peer(peer, key, digest, files.len());
         for file in files {
             inner.hold(id, file);
         }
@@ -141,14 +160,18 @@ impl Index {
     /// sample of at most `per_version` live holders of each.
     pub fn who(&self, name: &FileName, per_version: usize) -> Vec<Holder> {
         let inner = self.read();
-        let versions = inner.names.get(name.as_str()).cloned().unwrap_or_default();
+        let versions = inner.name_chain(inner.names.get(name.as_str()).copied());
         inner.holders(versions, per_version)
     }
 
     /// Holders of the content `hash`, under whatever name.
     pub fn who_has(&self, hash: &ContentHash, per_version: usize) -> Vec<Holder> {
         let inner = self.read();
-        let versions = inner.by_hash.get(hash).cloned().unwrap_or_default();
+        let versions = inner
+            .hash_chain(inner.by_hash.get(&prefix(hash)).copied())
+            .into_iter()
+            .filter(|&v| inner.version(v).is_some_and(|v| v.hash == *hash))
+            .collect();
         inner.holders(versions, per_version)
     }
 
@@ -163,11 +186,12 @@ impl Index {
         };
         let mut entries = Vec::new();
         let mut last: Option<&str> = None;
-        for (scanned, (name, versions)) in inner
+        for (scanned, (name, &first)) in inner
             .names
             .range::<str, _>((start, Bound::Unbounded))
             .enumerate()
         {
+            let versions = inner.name_chain(Some(first));
             if scanned == SCAN_BUDGET
                 || (entries.len() + versions.len().min(MAX_VERSIONS) > MAX_REPLY_LINES)
             {
@@ -215,12 +239,18 @@ impl Inner {
         self.versions.get(id as usize)?.as_ref()
     }
 
-    fn add_peer(&mut self, addr: PeerAddr, key: PeerKey, digest: ListDigest) -> PeerId {
+    fn add_peer(
+        &mut self,
+        addr: PeerAddr,
+        key: PeerKey,
+        digest: ListDigest,
+        files: usize,
+    ) -> PeerId {
         let peer = Peer {
             addr,
             key,
             digest,
-            files: Vec::new(),
+            files: Vec::with_capacity(files),
         };
         let id = match self.free_peers.pop() {
             Some(id) => {
@@ -251,14 +281,35 @@ impl Inner {
         self.holdings += 1;
     }
 
+    /// The versions chained from `first` by name.
+    fn name_chain(&self, first: Option<VersionId>) -> Vec<VersionId> {
+        self.chain(first, |v| v.next_same_name)
+    }
+
+    /// The versions chained from `first` by hash prefix.
+    fn hash_chain(&self, first: Option<VersionId>) -> Vec<VersionId> {
+        self.chain(first, |v| v.next_same_hash)
+    }
+
+    fn chain(&self, first: Option<VersionId>, next: fn(&Version) -> VersionId) -> Vec<VersionId> {
+        let mut out = Vec::new();
+        let mut at = first.unwrap_or(NONE);
+        // Bounded by the number of versions, even if a chain were broken.
+        while at != NONE && out.len() < self.versions.len() {
+            let Some(v) = self.version(at) else { break };
+            out.push(at);
+            at = next(v);
+        }
+        out
+    }
+
     /// The version `file` is of, made if new.
     fn version_of(&mut self, file: &Holding) -> VersionId {
-        if let Some(versions) = self.names.get(file.name.as_str()) {
-            for &v in versions {
-                if let Some(version) = self.version(v) {
-                    if (version.size, version.hash) == (file.size, file.hash) {
-                        return v;
-                    }
+        let first = self.names.get(file.name.as_str()).copied();
+        for v in self.name_chain(first) {
+            if let Some(version) = self.version(v) {
+                if (version.size, version.hash) == (file.size, file.hash) {
+                    return v;
                 }
             }
         }
@@ -271,6 +322,12 @@ impl Inner {
             size: file.size,
             hash: file.hash,
             holders: Vec::new(),
+            next_same_name: first.unwrap_or(NONE),
+            next_same_hash: self
+                .by_hash
+                .get(&prefix(&file.hash))
+                .copied()
+                .unwrap_or(NONE),
         };
         let id = match self.free_versions.pop() {
             Some(id) => {
@@ -282,8 +339,8 @@ impl Inner {
                 (self.versions.len() - 1) as VersionId
             }
         };
-        self.names.entry(name).or_default().push(id);
-        self.by_hash.entry(file.hash).or_default().push(id);
+        self.names.insert(name, id);
+        self.by_hash.insert(prefix(&file.hash), id);
         id
     }
 
@@ -318,17 +375,49 @@ impl Inner {
             return;
         };
         self.free_versions.push(id);
-        if let Some(versions) = self.names.get_mut(&*v.name) {
-            versions.retain(|&x| x != id);
-            if versions.is_empty() {
-                self.names.remove(&*v.name);
+        // Unlink it from its name's chain, then from its hash's.
+        match self.names.get(&*v.name).copied() {
+            Some(first) if first == id => {
+                if v.next_same_name == NONE {
+                    self.names.remove(&*v.name);
+                } else if let Some(head) = self.names.get_mut(&*v.name) {
+                    *head = v.next_same_name;
+                }
             }
+            Some(first) => {
+                let chain = self.name_chain(Some(first));
+                if let Some(&before) = chain
+                    .iter()
+                    .find(|&&x| self.version(x).is_some_and(|x| x.next_same_name == id))
+                {
+                    if let Some(Some(b)) = self.versions.get_mut(before as usize) {
+                        b.next_same_name = v.next_same_name;
+                    }
+                }
+            }
+            None => {}
         }
-        if let Some(versions) = self.by_hash.get_mut(&v.hash) {
-            versions.retain(|&x| x != id);
-            if versions.is_empty() {
-                self.by_hash.remove(&v.hash);
+        let key = prefix(&v.hash);
+        match self.by_hash.get(&key).copied() {
+            Some(first) if first == id => {
+                if v.next_same_hash == NONE {
+                    self.by_hash.remove(&key);
+                } else {
+                    self.by_hash.insert(key, v.next_same_hash);
+                }
             }
+            Some(first) => {
+                let chain = self.hash_chain(Some(first));
+                if let Some(&before) = chain
+                    .iter()
+                    .find(|&&x| self.version(x).is_some_and(|x| x.next_same_hash == id))
+                {
+                    if let Some(Some(b)) = self.versions.get_mut(before as usize) {
+                        b.next_same_hash = v.next_same_hash;
+                    }
+                }
+            }
+            None => {}
         }
     }
 
