@@ -181,6 +181,18 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_is_live_for_exactly_the_ttl() {
+        let reg = Registry::new(TTL, 10);
+        let t0 = Instant::now();
+        reg.register(peer(1), t0);
+        assert_eq!(reg.sample(50, t0 + TTL), vec![peer(1)]);
+        assert!(reg.expire(t0 + TTL).is_empty());
+        let past = t0 + TTL + Duration::from_millis(1);
+        assert!(reg.sample(50, past).is_empty());
+        assert_eq!(reg.expire(past), vec![peer(1)]);
+    }
+
+    #[test]
     fn a_heartbeat_keeps_a_peer_alive() {
         let reg = Registry::new(TTL, 10);
         let t0 = Instant::now();
@@ -228,5 +240,21 @@ mod tests {
         let distinct: std::collections::HashSet<_> = sample.iter().collect();
         assert_eq!(distinct.len(), 50);
         assert!(reg.sample(50, now + TTL * 2).is_empty());
+    }
+
+    #[test]
+    fn a_half_expired_registry_still_fills_a_sample() {
+        let reg = Registry::new(TTL, 100_000);
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(60);
+        for port in 1..=10_000 {
+            reg.register(peer(port), if port % 2 == 0 { t0 } else { t1 });
+        }
+        // Past the TTL of the even ports only: every other draw is wasted,
+        // and the attempts must still be enough to find 50 live peers
+        // (they fall short with odds below 1e-40).
+        let sample = reg.sample(50, t0 + Duration::from_secs(91));
+        assert_eq!(sample.len(), 50);
+        assert!(sample.iter().all(|p| p.port() % 2 == 1), "{sample:?}");
     }
 }
