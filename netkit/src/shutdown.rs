@@ -108,6 +108,10 @@ mod tests {
                 shutdown.is_triggered()
             })
         };
+        // Nothing to synchronise on for "has not returned": give a wait
+        // that would return at once a moment to do so.
+        thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "wait returned before the trigger");
         shutdown.trigger();
         assert!(waiter.join().unwrap(), "wait returned before the trigger");
     }
