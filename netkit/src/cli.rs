@@ -203,6 +203,17 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+        // Each refused for what it is, not by accident further on.
+        for (bad, says) in [
+            ("", "not a whole number"),
+            ("K", "not a whole number"),
+            ("1.5M", "not a whole number"),
+            ("10X", "the suffix must be"),
+            ("99999999999T", "too big"),
+        ] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -146,12 +146,16 @@ mod tests {
         let started = Instant::now();
         let mut reader = Deadline::after(&server, Duration::from_millis(300));
         let mut buf = [0; 1];
-        let error = loop {
-            match reader.read(&mut buf) {
-                Ok(n) => assert_eq!(n, 1),
-                Err(e) => break e,
-            }
-        };
+        // Bounded: the trickle sends 40 bytes at most.
+        let error = (0..100)
+            .find_map(|_| match reader.read(&mut buf) {
+                Ok(n) => {
+                    assert_eq!(n, 1);
+                    None
+                }
+                Err(e) => Some(e),
+            })
+            .expect("the reads never timed out");
         assert!(crate::is_timeout(&error), "{error}");
         let took = started.elapsed();
         assert!(took < Duration::from_millis(1500), "{took:?}");
@@ -160,15 +164,55 @@ mod tests {
     }
 
     #[test]
+    fn what_has_arrived_is_read_before_the_deadline() {
+        let (mut client, server) = pair();
+        client.write_all(b"ab").unwrap();
+        let mut reader = Deadline::after(&server, Duration::from_secs(10));
+        let mut buf = [0; 2];
+        assert_eq!(reader.read(&mut buf).unwrap(), 2);
+        assert_eq!(&buf, b"ab");
+    }
+
+    #[test]
     fn without_a_deadline_only_the_per_read_timeout_counts() {
         let (mut client, server) = pair();
+        // A slower timeout already on the socket, which the reader must
+        // replace: were it left, the read below would end after 2 s, not 100 ms.
+        server
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         let mut reader = Deadline::after(&server, Duration::ZERO);
         reader.set_deadline(None);
         reader.set_per_read(Some(Duration::from_millis(100)));
         client.write_all(b"ab").unwrap();
         let mut buf = [0; 2];
         assert_eq!(reader.read(&mut buf).unwrap(), 2);
+        let started = Instant::now();
         let e = reader.read(&mut buf).unwrap_err();
         assert!(crate::is_timeout(&e), "{e}");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+
+    #[test]
+    fn a_gentle_close_with_unread_input_is_not_a_reset() {
+        let (mut client, mut server) = pair();
+        // The request, and more the server never reads: closing with it
+        // unread would make the kernel answer with a reset.
+        client.write_all(b"ask\nand more").unwrap();
+        let closer = thread::spawn(move || {
+            let mut request = [0; 4];
+            server.read_exact(&mut request).unwrap();
+            server.write_all(b"reply\n").unwrap();
+            close_gently(&server, Duration::from_secs(10));
+        });
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"reply\n");
+        drop(client);
+        closer.join().unwrap();
     }
 }

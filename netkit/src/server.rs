@@ -463,12 +463,14 @@ mod tests {
             })
             .collect();
         assert_eq!(server.connections().open(), 2);
-        let extra = TcpStream::connect(server.local_addr()).unwrap();
-        assert_eq!(
-            first_line(&extra),
-            "ERR busy too many connections (limit 2)\n"
-        );
-        assert_eq!(server.connections().busy_rejections(), 1);
+        for rejected in 1..=2 {
+            let extra = TcpStream::connect(server.local_addr()).unwrap();
+            assert_eq!(
+                first_line(&extra),
+                "ERR busy too many connections (limit 2)\n"
+            );
+            assert_eq!(server.connections().busy_rejections(), rejected);
+        }
         release.send(()).unwrap();
         release.send(()).unwrap();
         for c in &held {
@@ -479,6 +481,97 @@ mod tests {
         seen.recv_timeout(Duration::from_secs(10)).unwrap();
         release.send(()).unwrap();
         assert_eq!(first_line(&again), "done\n");
+    }
+
+    /// Waits, a bounded while, until `done` holds.
+    fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn an_idle_thread_serves_the_next_connection() {
+        let listener = listen(([127, 0, 0, 1], 0).into(), 128).unwrap();
+        let shutdown = Arc::new(Shutdown::new(listener.local_addr().unwrap()));
+        let limits = Limits {
+            keep_idle: Duration::from_secs(10),
+            ..Limits::default()
+        };
+        let handler: Arc<Handler> = Arc::new(|mut stream: TcpStream| {
+            let me = format!("{:?}\n", thread::current().id());
+            let _ = stream.write_all(me.as_bytes());
+        });
+        let server = Server::spawn(listener, limits, shutdown, Arc::default(), handler).unwrap();
+        let first = first_line(&TcpStream::connect(server.local_addr()).unwrap());
+        // The thread is idle once it has counted itself so.
+        until("the thread is idle", || {
+            server.pool.idle.load(Ordering::SeqCst) == 1
+        });
+        let second = first_line(&TcpStream::connect(server.local_addr()).unwrap());
+        assert_eq!(first, second, "a new thread for each connection");
+    }
+
+    #[test]
+    fn stop_gives_up_on_connections_at_the_end_of_the_grace_and_not_before() {
+        let (mut server, seen, release) = server(4);
+        let held = waiting(server.local_addr());
+        seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        let started = Instant::now();
+        assert_eq!(server.stop(Duration::from_millis(100)), 1);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        release.send(()).unwrap();
+        assert_eq!(first_line(&held), "done\n");
+        // Nothing in flight: a long grace costs nothing.
+        until("the connection is closed", || {
+            server.connections().open() == 0
+        });
+        let started = Instant::now();
+        assert_eq!(server.drain(Duration::from_secs(10)), 0);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn dropping_the_server_stops_it() {
+        let (server, _seen, _release) = server(4);
+        let addr = server.local_addr();
+        drop(server);
+        assert!(TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn refusals_say_what_went_wrong_and_no_more() {
+        let timeout = ProtocolError::Io(io::ErrorKind::WouldBlock.into());
+        assert_eq!(
+            refusal(&timeout),
+            ErrorReply::new(ErrorCode::Timeout, "no complete request line in time")
+        );
+        assert_eq!(
+            describe_refusal(&timeout),
+            "timed out: no complete request line"
+        );
+        let reset = ProtocolError::Io(io::ErrorKind::ConnectionReset.into());
+        assert_eq!(
+            refusal(&reset),
+            ErrorReply::new(ErrorCode::Internal, "cannot read the request")
+        );
+        assert_eq!(
+            describe_refusal(&reset),
+            "cannot read the request: connection reset"
+        );
+        let long = ProtocolError::LineTooLong { limit: 10 };
+        assert_eq!(
+            refusal(&long),
+            ErrorReply::new(ErrorCode::TooLong, "line longer than 10 bytes")
+        );
+        assert_eq!(
+            describe_refusal(&long),
+            "bad request: line longer than 10 bytes"
+        );
     }
 
     #[test]

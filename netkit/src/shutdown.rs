@@ -73,3 +73,46 @@ impl Shutdown {
             .unwrap_or_else(|p| p.into_inner());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{net::TcpListener, sync::Arc, thread, time::Instant};
+
+    fn shutdown() -> (Shutdown, TcpListener) {
+        // A listener of our own for `trigger` to wake.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        (Shutdown::new(listener.local_addr().unwrap()), listener)
+    }
+
+    #[test]
+    fn sleep_lasts_its_duration_unless_triggered() {
+        let (shutdown, _listener) = shutdown();
+        let started = Instant::now();
+        assert!(!shutdown.sleep(Duration::from_millis(50)));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        shutdown.trigger();
+        let started = Instant::now();
+        assert!(shutdown.sleep(Duration::from_secs(10)));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn wait_returns_when_triggered_and_not_before() {
+        let (shutdown, _listener) = shutdown();
+        let shutdown = Arc::new(shutdown);
+        let waiter = {
+            let shutdown = Arc::clone(&shutdown);
+            thread::spawn(move || {
+                shutdown.wait();
+                shutdown.is_triggered()
+            })
+        };
+        // Nothing to synchronise on for "has not returned": give a wait
+        // that would return at once a moment to do so.
+        thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "wait returned before the trigger");
+        shutdown.trigger();
+        assert!(waiter.join().unwrap(), "wait returned before the trigger");
+    }
+}

@@ -183,6 +183,45 @@ mod tests {
     }
 
     #[test]
+    fn each_failure_maps_to_its_code() {
+        let cases = [
+            (
+                ProtocolError::Io(io::ErrorKind::BrokenPipe.into()),
+                ErrorCode::Internal,
+            ),
+            (ProtocolError::LineTooLong { limit: 10 }, ErrorCode::TooLong),
+            (ProtocolError::Version("RP2P/9".into()), ErrorCode::Version),
+            (
+                ProtocolError::BadName {
+                    name: "../x".into(),
+                    reason: "it climbs",
+                },
+                ErrorCode::Forbidden,
+            ),
+            (ProtocolError::EmptyRequest, ErrorCode::BadRequest),
+            (ProtocolError::Missing("port"), ErrorCode::BadRequest),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.code(), code, "{e:?}");
+            assert_eq!(ErrorReply::from(&e).code, code, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_reply_is_one_line_on_the_wire_and_message_then_code_in_text() {
+        let busy = ErrorReply::new(ErrorCode::Busy, "too many connections");
+        let mut wire = Vec::new();
+        busy.write_to(&mut wire).unwrap();
+        assert_eq!(wire, b"ERR busy too many connections\n");
+        assert_eq!(busy.to_string(), "too many connections (busy)");
+        let mut wire = Vec::new();
+        ErrorReply::new(ErrorCode::NotFound, "")
+            .write_to(&mut wire)
+            .unwrap();
+        assert_eq!(wire, b"ERR not-found\n");
+    }
+
+    #[test]
     fn every_code_round_trips() {
         for code in [
             ErrorCode::BadRequest,

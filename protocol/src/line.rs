@@ -122,11 +122,48 @@ mod tests {
 
     #[test]
     fn does_not_buffer_past_the_limit() {
-        // An endless stream without newlines must fail, not grow.
-        let mut endless = BufReader::new(io::repeat(b'a'));
+        // A stream without newlines must fail at the limit, not grow. Ten
+        // times the limit stands in for an endless one, so that a reader
+        // that forgot the limit ends (truncated) instead of hanging the test.
+        let mut endless = BufReader::new(io::repeat(b'a').take(10 * MAX_LINE as u64));
         assert!(matches!(
             read_line(&mut endless, MAX_LINE),
             Err(ProtocolError::LineTooLong { .. })
+        ));
+    }
+
+    /// A reader that fails once with `kind`, then yields `data`.
+    struct FailsOnce {
+        kind: Option<io::ErrorKind>,
+        data: &'static [u8],
+    }
+
+    impl Read for FailsOnce {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if let Some(kind) = self.kind.take() {
+                return Err(kind.into());
+            }
+            self.data.read(buf)
+        }
+    }
+
+    #[test]
+    fn an_interrupted_read_is_retried_and_other_errors_are_not() {
+        let interrupted = FailsOnce {
+            kind: Some(io::ErrorKind::Interrupted),
+            data: b"PEERS\n",
+        };
+        assert_eq!(
+            read_line(&mut BufReader::new(interrupted), 64).unwrap(),
+            Some("PEERS".to_string())
+        );
+        let reset = FailsOnce {
+            kind: Some(io::ErrorKind::ConnectionReset),
+            data: b"PEERS\n",
+        };
+        assert!(matches!(
+            read_line(&mut BufReader::new(reset), 64),
+            Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset
         ));
     }
 
@@ -141,10 +178,18 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256), max in 1usize..300) {
+            // Each line read takes at least its newline, so this many
+            // rounds are enough; the bound stops a reader that makes no
+            // progress from hanging the test.
+            let rounds = bytes.len() + 1;
             let mut r = Cursor::new(bytes);
-            while let Ok(Some(line)) = read_line(&mut r, max) {
-                prop_assert!(line.len() < max);
+            for _ in 0..rounds {
+                match read_line(&mut r, max) {
+                    Ok(Some(line)) => prop_assert!(line.len() < max),
+                    _ => return Ok(()),
+                }
             }
+            prop_assert!(false, "{} lines from {} bytes", rounds, rounds - 1);
         }
 
         #[test]

@@ -196,6 +196,13 @@ mod tests {
     }
 
     #[test]
+    fn display_is_the_name_and_debug_is_quoted() {
+        let name = FileName::new("a b\"c.txt").unwrap();
+        assert_eq!(name.to_string(), "a b\"c.txt");
+        assert_eq!(format!("{name:?}"), r#""a b\"c.txt""#);
+    }
+
+    #[test]
     fn path_has_one_component_per_part() {
         let path = FileName::new("a/b/c.txt").unwrap().to_path();
         assert_eq!(path.components().count(), 3);

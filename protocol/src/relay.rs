@@ -677,12 +677,34 @@ mod tests {
             b"HELLO\n",
             b"STATS 1\nkey\n",
             b"ERR\n",
+            b"UNREGISTERED now\n",
         ] {
             assert!(
                 Response::read_from(&mut Cursor::new(input)).is_err(),
                 "{input:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_list_may_hold_exactly_the_limit() {
+        let full: Vec<PeerAddr> = (1..=MAX_PEERS as u16)
+            .map(|port| PeerAddr::new([127, 0, 0, 1].into(), port).unwrap())
+            .collect();
+        let resp = Response::Peers(full);
+        assert_eq!(round_trip_response(&resp), resp);
+        // One more is refused on the header alone, before any line is read.
+        let err = Response::read_from(&mut Cursor::new(b"PEERS 1001\n")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::TooMany {
+                    count: 1001,
+                    limit: MAX_PEERS
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     proptest! {

@@ -354,6 +354,18 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_is_live_for_exactly_the_ttl() {
+        let reg = Registry::new(TTL, 10);
+        let t0 = Instant::now();
+        reg.register(peer(1), key(1), 1, t0);
+        assert_eq!(reg.sample(50, t0 + TTL), vec![(peer(1), key(1))]);
+        assert!(reg.expire(t0 + TTL, KEEP).is_empty());
+        let past = t0 + TTL + Duration::from_millis(1);
+        assert!(reg.sample(50, past).is_empty());
+        assert_eq!(reg.expire(past, KEEP), vec![peer(1)]);
+    }
+
+    #[test]
     fn a_heartbeat_keeps_a_peer_alive() {
         let reg = Registry::new(TTL, 10);
         let t0 = Instant::now();
@@ -409,5 +421,24 @@ mod tests {
         let distinct: std::collections::HashSet<_> = sample.iter().collect();
         assert_eq!(distinct.len(), 50);
         assert!(reg.sample(50, now + TTL * 2).is_empty());
+    }
+
+    #[test]
+    fn a_half_expired_registry_still_fills_a_sample() {
+        let reg = Registry::new(TTL, 100_000);
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(60);
+        for port in 1..=10_000u16 {
+            let mut seed = [0; 32];
+            seed[..2].copy_from_slice(&port.to_le_bytes());
+            let at = if port % 2 == 0 { t0 } else { t1 };
+            reg.register(peer(port), Identity::from_seed(seed).key(), 1, at);
+        }
+        // Past the TTL of the even ports only: every other draw is wasted,
+        // and the attempts must still be enough to find 50 live peers
+        // (they fall short with odds below 1e-40).
+        let sample = reg.sample(50, t0 + Duration::from_secs(91));
+        assert_eq!(sample.len(), 50);
+        assert!(sample.iter().all(|(p, _)| p.port() % 2 == 1), "{sample:?}");
     }
 }

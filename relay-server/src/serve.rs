@@ -33,6 +33,9 @@ pub(crate) struct State {
     pub(crate) trust: Trust,
     max_peers_returned: usize,
     idle_timeout: Duration,
+    /// How often the sweeper expires silent peers: a second in service,
+    /// shorter in tests so that they need not wait.
+    sweep_every: Duration,
     started: Instant,
     connections: Arc<Connections>,
     stats: Stats,
@@ -68,6 +71,7 @@ impl State {
             index: Index::new(config.max_files_per_peer, config.max_holdings),
             max_peers_returned: config.max_peers_returned,
             idle_timeout: config.idle_timeout,
+            sweep_every: Duration::from_secs(1),
             started: Instant::now(),
             connections,
             stats: Stats::default(),
@@ -76,7 +80,7 @@ impl State {
 
     /// Expires silent peers about once a second, until shutdown.
     pub(crate) fn sweep(&self, shutdown: &Shutdown) {
-        while !shutdown.sleep(Duration::from_secs(1)) {
+        while !shutdown.sleep(self.sweep_every) {
             // Retired keys are remembered long enough that their old
             // requests fall outside the clock window before they are forgotten.
             for peer in self.registry.expire(Instant::now(), MAX_SKEW * 2) {
@@ -553,6 +557,90 @@ mod tests {
             Response::Unregistered
         );
         assert_eq!(ask(&relay, "RP2P/1 PEERS"), Response::Peers(vec![]));
+    }
+
+    #[test]
+    fn the_log_says_whether_a_registration_is_new() {
+        let relay = relay();
+        let summary = |line: &str| {
+            relay
+                .respond(
+                    &mut Cursor::new(format!("{}\n", signed(line))),
+                    FROM,
+                    &|| {},
+                )
+                .unwrap()
+                .0
+        };
+        let key = identity(7000).key().short();
+        assert_eq!(
+            summary("RP2P/1 REGISTER 7000"),
+            format!("REGISTER 127.0.0.9:7000 new, key {key}")
+        );
+        assert_eq!(
+            summary("RP2P/1 REGISTER 7000"),
+            "REGISTER 127.0.0.9:7000 refreshed"
+        );
+    }
+
+    #[test]
+    fn a_connection_is_answered_and_closed() {
+        use std::{io::Read, net::TcpListener};
+        let relay = relay();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client
+            .write_all(format!("{}\n", signed("RP2P/1 REGISTER 7000")).as_bytes())
+            .unwrap();
+        // Done sending: the handler's gentle close need not wait for us.
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        // The handler returns once it has answered: then the reply is all
+        // there, followed by the end of the stream.
+        relay.handle(server);
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "REGISTERED 90\n");
+        // Registered at the address the connection came from.
+        assert_eq!(
+            relay.registry.sample(10, Instant::now()),
+            vec![("127.0.0.1:7000".parse().unwrap(), identity(7000).key())]
+        );
+    }
+
+    #[test]
+    fn the_sweeper_expires_silent_peers_until_shutdown() {
+        let config = Config {
+            ttl: Duration::ZERO,
+            ..Config::default()
+        };
+        let mut relay = state(config);
+        relay.sweep_every = Duration::from_millis(10);
+        let relay = Arc::new(relay);
+        relay.registry.register(
+            "127.0.0.1:7000".parse().unwrap(),
+            identity(7000).key(),
+            1,
+            relay.started,
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let shutdown = Arc::new(Shutdown::new(listener.local_addr().unwrap()));
+        let sweeper = {
+            let (relay, shutdown) = (Arc::clone(&relay), Arc::clone(&shutdown));
+            std::thread::spawn(move || relay.sweep(&shutdown))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while relay.stats.expired.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "never swept");
+            assert!(!sweeper.is_finished(), "the sweeper stopped early");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(relay.registry.len(), 0);
+        shutdown.trigger();
+        sweeper.join().unwrap();
     }
 
     #[test]
