@@ -375,50 +375,52 @@ impl Inner {
             return;
         };
         self.free_versions.push(id);
-        // Unlink it from its name's chain, then from its hash's.
-        match self.names.get(&*v.name).copied() {
-            Some(first) if first == id => {
-                if v.next_same_name == NONE {
+        if let Some(head) = self.names.get(&*v.name).copied() {
+            match self.unlink(id, head, v.next_same_name, |x| &mut x.next_same_name) {
+                Some(head) => {
+                    self.names.insert(Arc::clone(&v.name), head);
+                }
+                None => {
                     self.names.remove(&*v.name);
-                } else if let Some(head) = self.names.get_mut(&*v.name) {
-                    *head = v.next_same_name;
                 }
             }
-            Some(first) => {
-                let chain = self.name_chain(Some(first));
-                if let Some(&before) = chain
-                    .iter()
-                    .find(|&&x| self.version(x).is_some_and(|x| x.next_same_name == id))
-                {
-                    if let Some(Some(b)) = self.versions.get_mut(before as usize) {
-                        b.next_same_name = v.next_same_name;
-                    }
-                }
-            }
-            None => {}
         }
         let key = prefix(&v.hash);
-        match self.by_hash.get(&key).copied() {
-            Some(first) if first == id => {
-                if v.next_same_hash == NONE {
-                    self.by_hash.remove(&key);
-                } else {
-                    self.by_hash.insert(key, v.next_same_hash);
-                }
-            }
-            Some(first) => {
-                let chain = self.hash_chain(Some(first));
-                if let Some(&before) = chain
-                    .iter()
-                    .find(|&&x| self.version(x).is_some_and(|x| x.next_same_hash == id))
-                {
-                    if let Some(Some(b)) = self.versions.get_mut(before as usize) {
-                        b.next_same_hash = v.next_same_hash;
-                    }
-                }
-            }
-            None => {}
+        if let Some(head) = self.by_hash.get(&key).copied() {
+            match self.unlink(id, head, v.next_same_hash, |x| &mut x.next_same_hash) {
+                Some(head) => self.by_hash.insert(key, head),
+                None => self.by_hash.remove(&key),
+            };
         }
+    }
+
+    /// Takes `id` (whose successor was `after`) out of the chain that
+    /// starts at `head` and runs through `link`; returns the chain's head
+    /// now, `None` when it is empty.
+    fn unlink(
+        &mut self,
+        id: VersionId,
+        head: VersionId,
+        after: VersionId,
+        link: fn(&mut Version) -> &mut VersionId,
+    ) -> Option<VersionId> {
+        if head == id {
+            return (after != NONE).then_some(after);
+        }
+        let mut at = head;
+        // Bounded by the number of versions, even if a chain were broken.
+        for _ in 0..self.versions.len() {
+            let Some(Some(v)) = self.versions.get_mut(at as usize) else {
+                break;
+            };
+            let next = link(v);
+            if *next == id {
+                *next = after;
+                break;
+            }
+            at = *next;
+        }
+        Some(head)
     }
 
     /// Samples of the holders of `versions`, most held first.
@@ -548,6 +550,39 @@ mod tests {
         let mut names: Vec<&str> = by_hash.iter().map(|h| h.name.as_str()).collect();
         names.sort();
         assert_eq!(names, ["a", "copy"]);
+    }
+
+    #[test]
+    fn versions_leave_their_chains_from_any_place() {
+        let index = Index::new(100, 1000);
+        // Three versions of one name, held by one peer each.
+        for (port, content) in [(1, "v1"), (2, "v2"), (3, "v3")] {
+            offer(&index, port, &[holding("a", content)]).unwrap();
+        }
+        let hashes = |index: &Index| {
+            let mut found: Vec<ContentHash> =
+                index.who(&name("a"), 50).iter().map(|h| h.hash).collect();
+            found.sort_by_key(|h| *h.as_bytes());
+            found
+        };
+        let mut all = vec![
+            blake3::hash(b"v1"),
+            blake3::hash(b"v2"),
+            blake3::hash(b"v3"),
+        ];
+        all.sort_by_key(|h| *h.as_bytes());
+        assert_eq!(hashes(&index), all);
+        // The middle of the chain, then its head, then the last one.
+        for (port, gone) in [(2, "v2"), (3, "v3"), (1, "v1")] {
+            index.remove(&addr(port));
+            all.retain(|h| *h != blake3::hash(gone.as_bytes()));
+            assert_eq!(hashes(&index), all);
+            assert!(index.who_has(&blake3::hash(gone.as_bytes()), 50).is_empty());
+        }
+        assert_eq!(index.counts(), (0, 0));
+        // Slots are reused cleanly.
+        offer(&index, 4, &[holding("a", "v4")]).unwrap();
+        assert_eq!(index.who_has(&blake3::hash(b"v4"), 50).len(), 1);
     }
 
     #[test]
