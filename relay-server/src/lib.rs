@@ -8,8 +8,11 @@
 pub use netkit::server::{Running, StartError};
 
 mod index;
+mod limits;
 mod registry;
 mod serve;
+
+pub use limits::SourceLimits;
 
 use std::{net::SocketAddr, sync::Arc, thread::JoinHandle, time::Duration};
 
@@ -40,6 +43,8 @@ pub struct Config {
     pub max_files_per_peer: usize,
     /// Most holdings (a file on a peer) in the index; offers beyond get `ERR busy`.
     pub max_holdings: usize,
+    /// What one source address may ask and hold.
+    pub limits: SourceLimits,
 }
 
 impl Default for Config {
@@ -55,6 +60,7 @@ impl Default for Config {
             grace: Duration::from_secs(5),
             max_files_per_peer: 10_000,
             max_holdings: 20_000_000,
+            limits: SourceLimits::default(),
         }
     }
 }
@@ -71,6 +77,8 @@ pub struct Relay {
 pub fn bind(config: Config) -> Result<Relay, StartError> {
     let limits = Limits {
         max_connections: config.max_connections,
+        max_per_ip: config.limits.max_connections_per_ip,
+        exempt_loopback: config.limits.exempt_loopback,
         ..Limits::default()
     };
     let (listener, local) = netkit::server::bind(config.bind, limits.backlog)?;
