@@ -144,7 +144,9 @@ impl ErrorReply {
     /// `ERR busy retry-after <secs> <message>`: busy, and not worth asking
     /// again before `after` (rounded up to whole seconds, at least 1).
     pub fn busy_retry_after(after: Duration, message: impl fmt::Display) -> Self {
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        let secs = after
+            .as_secs()
+            .saturating_add(u64::from(after.subsec_nanos() > 0));
         ErrorReply::new(
             ErrorCode::Busy,
             format!("{RETRY_AFTER} {} {message}", secs.max(1)),
