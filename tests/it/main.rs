@@ -6,6 +6,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod index;
+mod limits;
 mod msrv;
 mod paths;
 mod phases;
