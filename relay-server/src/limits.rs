@@ -130,14 +130,16 @@ impl Bucket {
         self.at = self.at.max(now);
     }
 
-    /// Takes a token, or says how long until there is one.
-    fn take(&mut self, rate: f64, burst: u32, now: Instant) -> Result<(), Duration> {
+    /// Takes a token, or says how long until there are `wanted` (at
+    /// most the burst).
+    fn take(&mut self, rate: f64, burst: u32, wanted: u32, now: Instant) -> Result<(), Duration> {
         self.refill(rate, burst, now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            let wait = Duration::try_from_secs_f64((1.0 - self.tokens) / rate);
+            let missing = f64::from(wanted.min(burst)) - self.tokens;
+            let wait = Duration::try_from_secs_f64(missing / rate);
             Err(wait.map_or(MAX_WAIT, |wait| wait.min(MAX_WAIT)))
         }
     }
@@ -316,8 +318,11 @@ impl Limiter {
         });
         buckets.used = buckets.used.max(now);
         match kind {
-            Kind::Write => buckets.writes.take(rate, burst, now),
-            Kind::Read => buckets.reads.take(rate, burst, now),
+            // A peer that waits for one token would spend it on its ANNOUNCE
+            // and be refused the OFFER that asks for, again and again: a
+            // writer is told to wait for two.
+            Kind::Write => buckets.writes.take(rate, burst, 2, now),
+            Kind::Read => buckets.reads.take(rate, burst, 1, now),
         }
     }
 
@@ -463,19 +468,37 @@ mod tests {
     }
 
     #[test]
-    fn the_wait_is_until_the_next_token() {
+    fn the_wait_is_until_enough_tokens_are_back() {
         let t0 = Instant::now();
-        let limiter = limiter(|l| {
+        let one = limiter(|l| {
             l.write_rate = 0.1;
             l.write_burst = 1;
         });
         let register = request("RP2P/1 REGISTER 7000");
         let from = ip("192.0.2.1");
-        limiter.check(from, &register, t0).unwrap();
-        let refused = limiter.check(from, &register, t0 + Duration::from_secs(4));
+        one.check(from, &register, t0).unwrap();
+        let refused = one.check(from, &register, t0 + Duration::from_secs(4));
         // 10 s a token, 4 s gone (the refused request took nothing).
         assert_eq!(retry_after(refused.unwrap_err()), Duration::from_secs(6));
-        assert_eq!(limiter.counters()[0], ("limited_writes", 1));
+        assert_eq!(one.counters()[0], ("limited_writes", 1));
+        // A writer is told to wait until an ANNOUNCE and its OFFER both pass,
+        // when the burst allows it; a reader for one token.
+        let two = limiter(|l| {
+            l.write_rate = 0.1;
+            l.write_burst = 2;
+            l.read_rate = 0.1;
+            l.read_burst = 2;
+        });
+        let peers = request("RP2P/1 PEERS");
+        for _ in 0..2 {
+            two.check(from, &register, t0).unwrap();
+            two.check(from, &peers, t0).unwrap();
+        }
+        let later = t0 + Duration::from_secs(4);
+        let refused = two.check(from, &register, later).unwrap_err();
+        assert_eq!(retry_after(refused), Duration::from_secs(16));
+        let refused = two.check(from, &peers, later).unwrap_err();
+        assert_eq!(retry_after(refused), Duration::from_secs(6));
     }
 
     #[test]
