@@ -328,13 +328,13 @@ fn the_client_waits_out_a_retry_after_within_its_timeout_and_says_when_not() {
 }
 
 #[test]
-fn a_peer_waits_out_a_retry_after() {
-    // The start (ANNOUNCE and OFFER) takes the burst; one write every 4 s
-    // after: the heartbeat a second later is refused for 3 s.
+fn a_peer_waits_out_a_retry_after_even_when_its_folder_changes() {
+    // The start (ANNOUNCE and OFFER) takes the burst; the heartbeat a
+    // second later finds half a token, and is told to wait 3 s for two.
     let relay = Server::relay_here(|c| {
         c.limits = SourceLimits {
             exempt_loopback: false,
-            write_rate: 0.25,
+            write_rate: 0.5,
             write_burst: 2,
             ..SourceLimits::default()
         };
@@ -342,8 +342,14 @@ fn a_peer_waits_out_a_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("a.txt"), "a\n").unwrap();
     let peer = Server::peer(relay.addr, dir.path(), &["--heartbeat", "1"]);
+    let refused = "cannot register";
+    eventually("the relay refuses a heartbeat", || {
+        peer.log().contains(refused)
+    });
+    // A change while it waits does not make it ask sooner.
+    fs::write(dir.path().join("b.txt"), "b\n").unwrap();
     let registered = "registered with relay";
-    eventually("the peer registers twice", || {
+    eventually("the peer registers again", || {
         peer.log().matches(registered).count() >= 2
     });
     let log = peer.log();
@@ -352,13 +358,14 @@ fn a_peer_waits_out_a_retry_after() {
         .skip_while(|line| !line.contains(registered))
         .skip(1)
         .take_while(|line| !line.contains(registered))
-        .filter(|line| line.contains("cannot register"))
+        .filter(|line| line.contains(refused))
         .collect();
-    // Asked again once, when the relay said, not at every second of backoff.
+    // Asked again once, when the relay said.
     assert_eq!(until_back.len(), 1, "{log}");
     assert!(
         until_back[0].contains("retry-after 3 too many registrations"),
         "{log}"
     );
     assert!(until_back[0].ends_with("retrying in 3s"), "{log}");
+    assert!(log.contains("indexed 2 files"), "{log}");
 }
