@@ -22,7 +22,26 @@ const MAX_REPLY: u64 = 1 << 20;
 /// One conversation the way clients hold it: connect, send one line, read
 /// the reply until the server closes. The reply lands in `buf`.
 pub fn exchange(addr: SocketAddr, request: &[u8], buf: &mut Vec<u8>) -> io::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    talk(TcpStream::connect_timeout(&addr, TIMEOUT)?, request, buf)
+}
+
+/// `exchange` from the local address `src` (port chosen by the kernel):
+/// the relay keys a peer by the address its connection comes from, and
+/// spreading clients over 127.0.0.0/8 spreads them over more port ranges.
+pub fn exchange_from(
+    src: IpAddr,
+    addr: SocketAddr,
+    request: &[u8],
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::new(src, 0).into())?;
+    socket.connect_timeout(&addr.into(), TIMEOUT)?;
+    talk(socket.into(), request, buf)
+}
+
+fn talk(mut stream: TcpStream, request: &[u8], buf: &mut Vec<u8>) -> io::Result<()> {
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
     stream.set_nodelay(true)?;

@@ -4,6 +4,7 @@
 //! BENCHMARKS.md. See `cargo run --release -p bench -- --help`.
 #![forbid(unsafe_code)]
 
+mod index;
 mod load;
 mod procs;
 mod relay;
@@ -56,6 +57,21 @@ struct Args {
     /// Peers in the big registry
     #[arg(long, default_value_t = 100_000)]
     registry: usize,
+    /// Simulated peers offering their lists to the indexing relay
+    #[arg(long, default_value_t = 100_000)]
+    index_peers: usize,
+    /// Files each simulated peer holds
+    #[arg(long, default_value_t = 100)]
+    index_files: usize,
+    /// Distinct names among them
+    #[arg(long, default_value_t = 1_000_000)]
+    index_names: usize,
+    /// Peers among which one holds the rare file
+    #[arg(long, default_value_t = 1000)]
+    rare_peers: usize,
+    /// Real `peer-client get`s of the rare file
+    #[arg(long, default_value_t = 100)]
+    rare_gets: usize,
     /// Use the binaries already built in this folder instead of building
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -71,6 +87,8 @@ enum Figure {
     Lookups,
     Registration,
     Registry,
+    Rare,
+    Index,
 }
 
 /// What every figure needs: the binaries, a work folder, and a relay with
@@ -90,9 +108,16 @@ impl Setup {
 
     /// A fresh relay on 127.0.0.1, default settings, logging to `NAME.log`.
     fn start_relay(&self, name: &str) -> anyhow::Result<Server> {
+        self.start_relay_with(name, &[])
+    }
+
+    /// A fresh relay on 127.0.0.1 with `extra` settings.
+    fn start_relay_with(&self, name: &str, extra: &[&str]) -> anyhow::Result<Server> {
+        let mut args = vec!["0", "--bind", "127.0.0.1"];
+        args.extend_from_slice(extra);
         Server::start(
             &self.bin("relay-server"),
-            &["0", "--bind", "127.0.0.1"],
+            &args,
             self.work.join(format!("relay-{name}.log")),
         )
     }
@@ -193,6 +218,21 @@ fn run(args: Args) -> anyhow::Result<()> {
         )?);
     }
 
+    if wants(Figure::Rare) || wants(Figure::Index) {
+        let catalog = index::Catalog::new(args.index_names, args.index_files)?;
+        if wants(Figure::Rare) {
+            rows.extend(index::rare_file(
+                &setup,
+                &catalog,
+                args.rare_peers,
+                args.rare_gets,
+            )?);
+        }
+        if wants(Figure::Index) {
+            rows.extend(index::big_index(&setup, &catalog, args.index_peers)?);
+        }
+    }
+
     println!("{}", machine());
     println!("{}", report::table(&rows));
     Ok(())
@@ -204,7 +244,12 @@ fn check_tools() -> anyhow::Result<()> {
         bail!("the harness reads /proc (Linux only)");
     }
     let mut missing = Vec::new();
-    for (tool, probe, package) in [("socat", "-V", "socat"), ("cat", "--version", "coreutils")] {
+    for (tool, probe, package) in [
+        ("socat", "-V", "socat"),
+        ("cat", "--version", "coreutils"),
+        // Peak RSS of `peer-client ls`.
+        ("/usr/bin/time", "--version", "time"),
+    ] {
         let found = Command::new(tool)
             .arg(probe)
             .stdout(Stdio::null())
@@ -273,18 +318,24 @@ fn write_file(path: &Path, len: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until the relay's index names the peer as holder of both test
+/// files: `peer-client get` asks the index, and the peer announces a big
+/// file only once it has hashed it.
 fn wait_registered(setup: &Setup) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut buf = Vec::new();
+    let mut held = |name: &str| {
+        let request = format!("RP2P/1 WHO {name}\n");
+        load::exchange(setup.relay.addr, request.as_bytes(), &mut buf).is_ok()
+            && buf.starts_with(b"HOLDERS 1\n")
+    };
     while Instant::now() < deadline {
-        if load::exchange(setup.relay.addr, b"RP2P/1 PEERS\n", &mut buf).is_ok()
-            && buf.starts_with(b"PEERS 1\n")
-        {
+        if held("big.bin") && held("small.txt") {
             return Ok(());
         }
         thread::sleep(Duration::from_millis(20));
     }
-    bail!("the peer did not register with the relay")
+    bail!("the relay's index does not name the peer as holder of big.bin and small.txt")
 }
 
 /// A header naming the machine, for BENCHMARKS.md.

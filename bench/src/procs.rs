@@ -157,6 +157,17 @@ pub fn vm_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// CPU time (user + system) a process has used so far, in seconds, from
+/// /proc/PID/stat (in clock ticks, 100 a second on Linux).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: count fields after its ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / 100.0)
+}
+
 /// Samples a process's peak RSS until it exits or `finish` is called; a
 /// process that exits takes its /proc entry with it, hence the polling.
 pub struct PeakWatch {

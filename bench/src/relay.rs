@@ -269,7 +269,7 @@ pub fn big_registry(
 }
 
 /// Fails when a load run had problems: a figure over failed requests would lie.
-fn checked(load: Load, what: &str) -> anyhow::Result<Load> {
+pub fn checked(load: Load, what: &str) -> anyhow::Result<Load> {
     ensure!(
         load.refused + load.failed == 0,
         "{what}: {} refused and {} failed of {} requests (first: {})",
@@ -284,13 +284,13 @@ fn checked(load: Load, what: &str) -> anyhow::Result<Load> {
     Ok(load)
 }
 
-fn stats(relay: SocketAddr) -> anyhow::Result<String> {
+pub fn stats(relay: SocketAddr) -> anyhow::Result<String> {
     let mut buf = Vec::new();
     load::exchange(relay, b"RP2P/1 STATS\n", &mut buf).context("cannot ask the relay for STATS")?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
-fn stat(stats: &str, name: &str) -> u64 {
+pub fn stat(stats: &str, name: &str) -> u64 {
     stats
         .lines()
         .filter_map(|l| l.split_once(' '))
@@ -309,7 +309,7 @@ fn sequential_server_times(relay: SocketAddr, log: &Path) -> anyhow::Result<Vec<
     }
     // The relay logs after replying: give the last line time to land.
     thread::sleep(Duration::from_millis(100));
-    server_times(log, before)
+    server_times(log, before, |l| l.contains(" PEERS -> "))
 }
 
 /// Connections the kernel dropped because a listener's accept queue was
@@ -328,23 +328,28 @@ fn listen_overflows() -> u64 {
         .unwrap_or(0)
 }
 
-fn log_len(log: &Path) -> usize {
+pub fn log_len(log: &Path) -> usize {
     fs::metadata(log).map_or(0, |m| m.len() as usize)
 }
 
-/// Server time of each lookup, as the relay logs it (`PEERS -> n (12.3µs)`),
-/// from byte `from` of its log on.
-fn server_times(log: &Path, from: usize) -> anyhow::Result<Vec<Duration>> {
+/// Server time of each request whose log line passes `wanted`, as the
+/// relay logs it (`PEERS -> n: 56 bytes (12.3µs)`), from byte `from` of its
+/// log on, in log order.
+pub fn server_times(
+    log: &Path,
+    from: usize,
+    wanted: impl Fn(&str) -> bool,
+) -> anyhow::Result<Vec<Duration>> {
     let text = fs::read(log).with_context(|| format!("cannot read {}", log.display()))?;
     let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
     let times: Vec<Duration> = text
         .lines()
-        .filter(|l| l.contains(" PEERS -> "))
+        .filter(|l| wanted(l))
         .filter_map(|l| parse_duration(l.rsplit_once('(')?.1.strip_suffix(')')?))
         .collect();
     ensure!(
         !times.is_empty(),
-        "no lookups in {} (is its log level info?)",
+        "no such requests in {} (is its log level info?)",
         log.display()
     );
     Ok(times)

@@ -95,8 +95,21 @@ pub fn print_address(addr: SocketAddr) -> io::Result<()> {
 pub fn serve_until_signal(server: impl Running + Send) -> Result<(), String> {
     print_address(server.local_addr()).map_err(|e| format!("cannot write to stdout: {e}"))?;
     let shutdown = server.shutdown();
-    ctrlc::set_handler(move || shutdown.trigger())
-        .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    // SIGINT and SIGTERM only: SIGHUP is the relay's "reload", not "stop".
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    // Lives as long as the process: a signal can come at any time.
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                shutdown.trigger();
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     server.wait();
     Ok(())
 }
@@ -111,6 +124,30 @@ pub fn exit(name: &str, result: Result<(), impl std::fmt::Display>) -> std::proc
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A private network's secret from `path`: 64 hex digits (32 bytes) on its
+/// first line, in a file others cannot read. `openssl rand -hex 32 > FILE`
+/// makes one.
+pub fn read_secret(path: &std::path::Path) -> Result<[u8; 32], String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read {shown}: {e}"))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "secret file {shown} can be read by others (mode {mode:o}): run chmod 600 on it"
+            ));
+        }
+    }
+    protocol::identity::parse_secret(text.lines().next().unwrap_or("").trim())
+        .map_err(|_| format!("secret file {shown} does not hold 64 hex digits"))
 }
 
 /// A size or a rate in bytes: a whole number, plain or with a K, M, G or

@@ -2,11 +2,12 @@
 
 use std::{
     fmt, thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use netkit::call::{self, CallError};
 use protocol::{
+    identity::{NetworkMac, PeerKey},
     index::{Holder, Listed, Pattern},
     relay::{Request, Response},
     ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
@@ -24,6 +25,8 @@ pub struct Relay {
     pub port: u16,
     /// The longest any step of a conversation may take.
     pub timeout: Duration,
+    /// A private network's secret, which every lookup then carries a MAC of.
+    pub secret: Option<[u8; 32]>,
 }
 
 /// A conversation with the relay failed.
@@ -66,6 +69,19 @@ impl Relay {
                 Ok(peers)
             }
             other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// The live peers with their keys; `None` from a relay that gives no keys.
+    pub fn peers_long(&self) -> Result<Option<Vec<(PeerAddr, PeerKey)>>, RelayError> {
+        match self.call_indexed(Request::PeersLong)? {
+            Some(Response::PeersLong(mut peers)) => {
+                let mut seen = std::collections::HashSet::new();
+                peers.retain(|(p, _)| seen.insert(*p));
+                Ok(Some(peers))
+            }
+            Some(other) => Err(self.unexpected(other)),
+            None => Ok(None),
         }
     }
 
@@ -113,7 +129,10 @@ impl Relay {
             Err(RelayError {
                 source: CallError::Refused(e),
                 ..
-            }) if e.code == ErrorCode::BadRequest && e.message.starts_with("unknown command") => {
+            }) if e.code == ErrorCode::BadRequest
+                && (e.message.starts_with("unknown command")
+                    || e.message.starts_with("unexpected argument")) =>
+            {
                 Ok(None)
             }
             other => other.map(Some),
@@ -157,7 +176,16 @@ impl Relay {
         let reply = call::call(
             (self.host.as_str(), self.port),
             self.timeout,
-            |w| request.write_to(w),
+            |w| match &self.secret {
+                Some(secret) => {
+                    let ts = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let mac = NetworkMac::new(secret, &request.canonical(), ts);
+                    request.write_with_mac_to(&mac, w)
+                }
+                None => request.write_to(w),
+            },
             |r| Response::read_from(r),
         );
         match reply {

@@ -40,6 +40,9 @@ pub enum Failure {
     /// The prompt cannot read its input.
     #[error(transparent)]
     Input(#[from] InputError),
+    /// The network secret file cannot be used.
+    #[error("{0}")]
+    Secret(String),
     /// The Ctrl-C / SIGTERM handler cannot be installed.
     #[error("cannot install the signal handler: {0}")]
     Signal(#[source] io::Error),
@@ -54,7 +57,11 @@ impl Failure {
             Failure::Pattern(_) => 2,
             Failure::Fetch(FetchError::Output { .. } | FetchError::TooBig { .. }) => 4,
             Failure::Relay(_) | Failure::Fetch(_) | Failure::NoListing { .. } => 3,
-            Failure::Stdout(_) | Failure::Save(_) | Failure::Input(_) | Failure::Signal(_) => 4,
+            Failure::Stdout(_)
+            | Failure::Save(_)
+            | Failure::Input(_)
+            | Failure::Signal(_)
+            | Failure::Secret(_) => 4,
         }
     }
 }

@@ -16,7 +16,7 @@
 //! (endgame): whichever delivers a group first wins it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs::File,
     io::{self, Read},
     sync::{mpsc, Condvar, Mutex, MutexGuard},
@@ -26,6 +26,7 @@ use std::{
 
 use netkit::call::{Call, CallError, Phase};
 use protocol::{
+    identity::{file_message, PeerKey},
     peer::{proof, FileHeader, Request, Response, CHANGED},
     ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
 };
@@ -166,6 +167,9 @@ pub struct Fetcher<'a> {
     /// The content wanted, where the relay's index said which: a peer
     /// that has other content under the name now is passed over.
     pub expect: Option<ContentHash>,
+    /// The keys the relay names the holders by: each must prove its own
+    /// (a peer without an entry here is not asked to).
+    pub keys: HashMap<PeerAddr, PeerKey>,
     /// Called with one line for every peer skipped and why.
     pub note: &'a mut dyn FnMut(&str),
     pub progress: &'a mut dyn Progress,
@@ -272,7 +276,7 @@ impl Fetcher<'_> {
     /// answer `busy` are asked again, with growing pauses, for up to the
     /// timeout, while no peer has answered that it holds the file.
     fn probe_all(&mut self, peers: &[PeerAddr], name: &FileName) -> Vec<Probe> {
-        let mut probes: Vec<Probe> = probe(peers, name, self.timeout);
+        let mut probes: Vec<Probe> = probe(peers, name, self.timeout, &self.keys);
         let (mut pause, give_up) = (Duration::from_millis(250), Instant::now() + self.timeout);
         loop {
             let busy: Vec<usize> = (0..peers.len())
@@ -301,7 +305,10 @@ impl Fetcher<'_> {
             thread::sleep(pause);
             pause = (pause * 2).min(MAX_PAUSE);
             let again: Vec<PeerAddr> = busy.iter().map(|&i| peers[i]).collect();
-            for (i, answer) in busy.into_iter().zip(probe(&again, name, self.timeout)) {
+            for (i, answer) in busy
+                .into_iter()
+                .zip(probe(&again, name, self.timeout, &self.keys))
+            {
                 probes[i] = answer;
             }
         }
@@ -441,20 +448,63 @@ impl Fetcher<'_> {
 }
 
 /// Asks `peers` for the size and hash of `name`, all at once.
-fn probe(peers: &[PeerAddr], name: &FileName, timeout: Duration) -> Vec<Probe> {
-    let request = Request::Head { name: name.clone() };
+/// Asks each of `peers` for the size and hash of `name`, at once. A peer
+/// whose key the relay named (in `keys`) must sign its answer with it over
+/// a fresh nonce: one that cannot is not the peer the relay meant.
+fn probe(
+    peers: &[PeerAddr],
+    name: &FileName,
+    timeout: Duration,
+    keys: &HashMap<PeerAddr, PeerKey>,
+) -> Vec<Probe> {
     thread::scope(|scope| {
         let asks: Vec<_> = peers
             .iter()
             .map(|peer| {
-                let request = &request;
+                let key = keys.get(peer).copied();
                 scope.spawn(move || {
+                    let mut nonce = [0; 16];
+                    if key.is_some() && getrandom::getrandom(&mut nonce).is_err() {
+                        return Probe::Skipped("no randomness for a nonce".into());
+                    }
+                    let request = Request::Head {
+                        name: name.clone(),
+                        nonce: key.map(|_| nonce),
+                    };
                     let reply = netkit::call::call(
                         peer.socket_addr(),
                         timeout,
                         |w| request.write_to(w),
                         |r| Response::read_from(r),
                     );
+                    let reply = match (reply, key) {
+                        (
+                            Ok(Response::Vouched {
+                                header,
+                                key: theirs,
+                                sig,
+                            }),
+                            Some(want),
+                        ) => {
+                            let message =
+                                file_message(&nonce, &name.encode(), header.size, &header.hash);
+                            if theirs != want || !want.verify(&message, &sig) {
+                                return Probe::Skipped(format!(
+                                    "is not the peer the relay names (its key is not {})",
+                                    want.short()
+                                ));
+                            }
+                            Ok(Response::File(header))
+                        }
+                        (Ok(Response::File(_)), Some(want)) => {
+                            return Probe::Skipped(format!(
+                                "did not prove it is the peer the relay names (key {})",
+                                want.short()
+                            ));
+                        }
+                        (Ok(Response::Vouched { header, .. }), None) => Ok(Response::File(header)),
+                        (reply, _) => reply,
+                    };
                     match reply {
                         Ok(Response::File(FileHeader { size, hash })) => {
                             if size == 0 && hash != blake3::hash(b"") {
@@ -1057,6 +1107,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             limits,
             expect: None,
+            keys: HashMap::new(),
             note: &mut |line| notes.push(line.to_string()),
             progress: &mut (),
         }

@@ -45,7 +45,13 @@ pub fn run(relay: &Relay, limits: Limits) -> Result<(), Failure> {
             "help" | "?" => eprintln!("{HELP}"),
             "peers" => {
                 refresh(relay, &mut peers);
-                show(print::peers(&mut io::stdout(), &peers, Format::Text));
+                let listed: Vec<_> = peers.iter().map(|&p| (p, None)).collect();
+                show(print::peers(
+                    &mut io::stdout(),
+                    &listed,
+                    Format::Text,
+                    false,
+                ));
                 eprintln!("{} live peers", peers.len());
             }
             "ls" => ls(relay, &catalog, rest),
@@ -104,20 +110,27 @@ fn get(relay: &Relay, limits: Limits, peers: &[PeerAddr], name: &str) {
         Ok(name) => name,
         Err(e) => return eprintln!("{e}"),
     };
-    let (name, sources, expect) = match crate::sources(relay, &Wanted::Name(name.clone())) {
+    let found = match crate::sources(relay, &Wanted::Name(name.clone())) {
         Ok(found) => found,
         Err(Failure::Relay(e)) => {
             eprintln!("{e}; asking the last list of {} peers", peers.len());
-            (name, peers.to_vec(), None)
+            crate::Sources {
+                name,
+                peers: peers.to_vec(),
+                expect: None,
+                keys: Default::default(),
+            }
         }
         Err(e) => return eprintln!("{e}"),
     };
+    let (name, sources) = (found.name, found.peers);
     let mut out = StdoutSink::new();
     let mut bar = Bar::new(true);
     let result = Fetcher {
         timeout: relay.timeout,
         limits,
-        expect,
+        expect: found.expect,
+        keys: found.keys,
         note: &mut bar.printer(),
         progress: &mut bar,
     }

@@ -16,11 +16,11 @@ mod print;
 mod progress;
 mod save;
 
-use std::{io, path::PathBuf, time::Duration};
+use std::{collections::HashMap, io, path::PathBuf, time::Duration};
 
 use clap::{builder::FalseyValueParser, Parser, Subcommand};
 use netkit::cli::Docs;
-use protocol::{index::Pattern, ContentHash, FileName, PeerAddr};
+use protocol::{identity::PeerKey, index::Pattern, ContentHash, FileName, PeerAddr};
 
 pub use crate::failure::Failure;
 use crate::{
@@ -45,6 +45,10 @@ pub struct Args {
     /// Seconds to wait for a connection, and for each read, before giving up on a peer
     #[arg(long, env = "PEER_CLIENT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
+    /// The private network's secret file (64 hex digits, mode 0600), for a
+    /// relay that serves only clients that know it
+    #[arg(long, env = "PEER_CLIENT_NETWORK_SECRET", value_name = "FILE")]
+    network_secret: Option<PathBuf>,
     /// Refuse files bigger than this many bytes (K, M, G, T suffixes)
     #[arg(long, env = "PEER_CLIENT_MAX_SIZE", value_name = "SIZE", value_parser = netkit::cli::parse_size)]
     max_size: Option<u64>,
@@ -91,7 +95,10 @@ enum Command {
     },
     /// Print the live peers, one IP:PORT per line
     Peers {
-        /// One JSON object per line: {"addr":"IP:PORT","ip":"IP","port":PORT}
+        /// Also each peer's id (the short form of its key)
+        #[arg(short, long)]
+        long: bool,
+        /// One JSON object per line: {"addr":"IP:PORT","ip":"IP","port":PORT,"key":"HEX"}
         #[arg(long)]
         json: bool,
     },
@@ -158,10 +165,17 @@ impl Args {
 /// Carries out one command line.
 pub fn run(args: Args) -> Result<(), Failure> {
     save::clean_up_on_interrupt().map_err(Failure::Signal)?;
+    let secret = args
+        .network_secret
+        .as_deref()
+        .map(netkit::cli::read_secret)
+        .transpose()
+        .map_err(Failure::Secret)?;
     let relay = Relay {
         host: args.host,
         port: args.port,
         timeout: Duration::from_secs(args.timeout),
+        secret,
     };
     let limits = Limits {
         max_size: args.max_size,
@@ -181,9 +195,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
             };
             get(&relay, limits, Wanted::new(name, hash), output, options)
         }
-        Some(Command::Peers { json }) => {
-            let peers = relay.peers()?;
-            stdout(print::peers(&mut io::stdout(), &peers, format(json)))
+        Some(Command::Peers { long, json }) => {
+            let peers: Vec<(PeerAddr, Option<PeerKey>)> = if long || json {
+                match relay.peers_long()? {
+                    Some(peers) => peers.into_iter().map(|(a, k)| (a, Some(k))).collect(),
+                    None => relay.peers()?.into_iter().map(|a| (a, None)).collect(),
+                }
+            } else {
+                relay.peers()?.into_iter().map(|a| (a, None)).collect()
+            };
+            stdout(print::peers(&mut io::stdout(), &peers, format(json), long))
         }
         Some(Command::Ls {
             pattern,
@@ -267,17 +288,19 @@ impl Wanted {
 /// Whom to ask for what: the holders the relay's index names (the
 /// version most of them hold, when they differ), or every live peer from
 /// a relay without an index.
-pub(crate) fn sources(
-    relay: &Relay,
-    wanted: &Wanted,
-) -> Result<(FileName, Vec<PeerAddr>, Option<ContentHash>), Failure> {
+pub(crate) fn sources(relay: &Relay, wanted: &Wanted) -> Result<Sources, Failure> {
     let holders = match wanted {
         Wanted::Name(name) => relay.who(name)?,
         Wanted::Hash(hash) => relay.who_has(*hash)?,
     };
     let Some(holders) = holders else {
         return match wanted {
-            Wanted::Name(name) => Ok((name.clone(), relay.peers()?, None)),
+            Wanted::Name(name) => Ok(Sources {
+                name: name.clone(),
+                peers: relay.peers()?,
+                expect: None,
+                keys: HashMap::new(),
+            }),
             Wanted::Hash(hash) => Err(Failure::NotHeld {
                 what: format!("content {hash} (this relay keeps no index to find it by)"),
             }),
@@ -313,12 +336,24 @@ pub(crate) fn sources(
             others.join(", ")
         );
     }
-    let peers = holders
+    let chosen: Vec<_> = holders
         .iter()
         .filter(|h| (&h.name, h.size, h.hash) == (name, size, hash))
-        .map(|h| h.addr)
         .collect();
-    Ok((name.clone(), peers, Some(hash)))
+    Ok(Sources {
+        name: name.clone(),
+        peers: chosen.iter().map(|h| h.addr).collect(),
+        expect: Some(hash),
+        keys: chosen.iter().map(|h| (h.addr, h.key)).collect(),
+    })
+}
+
+/// Whom `get` asks, for what, and the keys they must prove.
+pub(crate) struct Sources {
+    pub(crate) name: FileName,
+    pub(crate) peers: Vec<PeerAddr>,
+    pub(crate) expect: Option<ContentHash>,
+    pub(crate) keys: HashMap<PeerAddr, PeerKey>,
 }
 
 fn get(
@@ -328,13 +363,19 @@ fn get(
     output: Option<PathBuf>,
     options: Options,
 ) -> Result<(), Failure> {
-    let (name, peers, expect) = sources(relay, &wanted)?;
+    let Sources {
+        name,
+        peers,
+        expect,
+        keys,
+    } = sources(relay, &wanted)?;
     let name = &name;
     let mut bar = Bar::new(output.is_none());
     let mut fetcher = Fetcher {
         timeout: relay.timeout,
         limits,
         expect,
+        keys,
         note: &mut bar.printer(),
         progress: &mut bar,
     };

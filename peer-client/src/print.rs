@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use protocol::PeerAddr;
+use protocol::{identity::PeerKey, PeerAddr};
 use serde_json::json;
 
 use crate::listing::Listed;
@@ -16,16 +16,30 @@ pub enum Format {
 }
 
 /// One line per peer: `IP:PORT`, or `{"addr":"IP:PORT","ip":"IP","port":PORT}`.
-pub fn peers(out: &mut impl Write, peers: &[PeerAddr], format: Format) -> io::Result<()> {
-    for peer in peers {
+/// With `long`, each peer's id (the short form of its key) after it; the
+/// JSON has the whole key (when the relay gives keys).
+pub fn peers(
+    out: &mut impl Write,
+    peers: &[(PeerAddr, Option<PeerKey>)],
+    format: Format,
+    long: bool,
+) -> io::Result<()> {
+    for (peer, key) in peers {
         match format {
+            Format::Text if long => {
+                let id = key.map_or("-".to_string(), |k| k.short());
+                writeln!(out, "{peer} {id}")?
+            }
             Format::Text => writeln!(out, "{peer}")?,
             Format::Json => {
-                let line = json!({
+                let mut line = json!({
                     "addr": peer.to_string(),
                     "ip": peer.ip().to_string(),
                     "port": peer.port(),
                 });
+                if let Some(key) = key {
+                    line["key"] = key.to_string().into();
+                }
                 writeln!(out, "{line}")?
             }
         }

@@ -8,10 +8,10 @@
 use std::{
     net::{IpAddr, TcpStream},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use log::{debug, info, warn};
@@ -61,6 +61,8 @@ pub(crate) struct Announcer {
     /// Files left out of the last list sent, so that a warning is given
     /// when the number changes, not at every heartbeat.
     left_out: AtomicUsize,
+    /// The time of the last signed request.
+    last_ts: AtomicU64,
 }
 
 /// A flag and a condition variable: "something changed, announce now".
@@ -133,6 +135,7 @@ impl Announcer {
             wake: Wake::default(),
             legacy: AtomicBool::new(false),
             left_out: AtomicUsize::new(0),
+            last_ts: AtomicU64::new(0),
         }
     }
 
@@ -324,9 +327,47 @@ impl Announcer {
             }
             *in_flight = call.stream().try_clone().ok();
         }
-        let reply = send(&mut call, request, body);
+        let reply = self.send(&mut call, request, body);
         self.lock_in_flight().take();
         reply
+    }
+
+    /// Sends `request`, signed by this peer's key (and an OFFER's body),
+    /// and reads the reply.
+    fn send(
+        &self,
+        call: &mut Call,
+        request: &Request,
+        body: Option<&[Holding]>,
+    ) -> Result<Response, AnnounceError> {
+        let auth = self
+            .peer
+            .identity
+            .authorize(&request.canonical(), self.stamp());
+        call.send(|w| {
+            request.write_signed_to(&auth, w)?;
+            match body {
+                Some(files) => write_offer_body(w, files),
+                None => Ok(()),
+            }
+        })?;
+        Ok(call.receive(|r| Response::read_from(r))?)
+    }
+
+    /// The time for the next signed request, in Unix milliseconds: the
+    /// clock's, but always later than the last one, since the relay takes
+    /// each key's requests in increasing order only (no replays).
+    fn stamp(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let previous = self
+            .last_ts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(now);
+        now.max(previous + 1)
     }
 
     /// Asks the relay to forget this peer at once.
@@ -339,7 +380,7 @@ impl Announcer {
         };
         let outcome = Call::connect(&self.relay, timeout)
             .map_err(AnnounceError::from)
-            .and_then(|mut call| send(&mut call, &request, None));
+            .and_then(|mut call| self.send(&mut call, &request, None));
         match outcome {
             Ok(Response::Unregistered) => info!("unregistered from relay {}", self.relay),
             Ok(other) => warn!(
@@ -350,21 +391,6 @@ impl Announcer {
             Err(e) => warn!("cannot unregister from relay {}: {e}", self.relay),
         }
     }
-}
-
-fn send(
-    call: &mut Call,
-    request: &Request,
-    body: Option<&[Holding]>,
-) -> Result<Response, AnnounceError> {
-    call.send(|w| {
-        request.write_to(w)?;
-        match body {
-            Some(files) => write_offer_body(w, files),
-            None => Ok(()),
-        }
-    })?;
-    Ok(call.receive(|r| Response::read_from(r))?)
 }
 
 fn unexpected(response: Response) -> AnnounceError {

@@ -9,6 +9,9 @@ pub use netkit::server::Running;
 
 mod announce;
 mod files;
+mod key;
+
+pub use key::{default_path as default_key_path, KeyError};
 mod serve;
 mod stall;
 mod watch;
@@ -54,6 +57,9 @@ pub struct Config {
     pub timeout: Duration,
     /// How long transfers in flight may go on after a stop.
     pub grace: Duration,
+    /// The file of the peer's key, made on first start; `None`: a key for
+    /// this run only.
+    pub key: Option<PathBuf>,
     /// Watch the folder and announce changes at once (otherwise the
     /// rescan at each heartbeat finds them).
     pub watch: bool,
@@ -79,6 +85,7 @@ impl Config {
             grace: Duration::from_secs(5),
             allow_hardlinks: false,
             watch: true,
+            key: None,
         }
     }
 }
@@ -89,6 +96,9 @@ pub enum StartError {
     /// The folder cannot be served.
     #[error(transparent)]
     Folder(#[from] files::FolderError),
+    /// The key cannot be had.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     /// The relay's name does not resolve (a relay that is only down is
     /// waited for: the peer serves meanwhile and keeps retrying).
     #[error("cannot resolve relay {relay}: {source}")]
@@ -118,6 +128,16 @@ pub struct Node {
 /// Opens the folder, binds `config.bind`, starts serving, and registers
 /// with the relay, all in background threads.
 pub fn bind(config: Config) -> Result<Node, StartError> {
+    // First: a key that cannot be used is the one thing to say.
+    let identity = match &config.key {
+        Some(path) => key::load_or_create(path)?,
+        None => key::generate()?,
+    };
+    info!(
+        "peer id {} (key {})",
+        identity.key().short(),
+        identity.key()
+    );
     let options = files::Options {
         allow_hardlinks: config.allow_hardlinks,
     };
@@ -141,6 +161,7 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
     let shutdown = Arc::new(Shutdown::new(local));
 
     let peer = Arc::new(serve::Peer {
+        identity,
         library,
         idle_timeout: config.timeout,
         write_timeout: config.timeout,

@@ -56,6 +56,10 @@ struct Args {
     /// default: another link to such a file may be outside the folder)
     #[arg(long, env = "PEER_ALLOW_HARDLINKS", value_parser = FalseyValueParser::new())]
     allow_hardlinks: bool,
+    /// The peer's key file, made (mode 0600) on first start [default: one
+    /// per served folder, under $XDG_DATA_HOME or ~/.local/share/relay-p2p]
+    #[arg(long, env = "PEER_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
     /// Do not watch the folder for changes; find them by rescanning it at
     /// each heartbeat instead
     #[arg(long, env = "PEER_NO_WATCH", value_parser = FalseyValueParser::new())]
@@ -78,6 +82,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let key = match args.key {
+        Some(key) => key,
+        None => peer_node::default_key_path(&args.dir).context(
+            "no data folder for the key (neither XDG_DATA_HOME nor HOME is set): give --key FILE",
+        )?,
+    };
     let advertise = args.advertise.as_deref().map(resolve_host).transpose()?;
     let node = peer_node::bind(peer_node::Config {
         dir: args.dir,
@@ -92,6 +102,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         grace: Duration::from_secs(5),
         allow_hardlinks: args.allow_hardlinks,
         watch: !args.no_watch,
+        key: Some(key),
     })?;
     cli::serve_until_signal(node).map_err(anyhow::Error::msg)
 }

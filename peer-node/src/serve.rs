@@ -11,6 +11,7 @@ use std::{
 use log::{debug, info, warn};
 use netkit::{close_gently, describe_io, Deadline};
 use protocol::{
+    identity::{address_message, file_message, Identity},
     peer::{proof, FileHeader, RangeHeader, Request, Response, CHANGED, MAX_FILES},
     ContentHash, ErrorCode, ErrorReply, FileName, MAX_LINE,
 };
@@ -25,6 +26,9 @@ pub(crate) struct Peer {
     pub(crate) library: Library,
     pub(crate) idle_timeout: Duration,
     pub(crate) write_timeout: Duration,
+    /// The key that names this peer: it signs what the peer tells the
+    /// relay, and proves the peer's address when the relay asks.
+    pub(crate) identity: Identity,
 }
 
 /// Serves one connection: one request (all of its line within the idle
@@ -85,7 +89,9 @@ fn respond<W: Outlet>(
             send_file(peer, out, &name, offset),
         ),
         Request::List => ("LIST".to_string(), send_list(peer, out)),
-        Request::Head { name } => (format!("HEAD {name:?}"), send_head(peer, out, &name)),
+        Request::Head { name, nonce } => {
+            (format!("HEAD {name:?}"), send_head(peer, out, &name, nonce))
+        }
         Request::Range {
             name,
             hash,
@@ -95,6 +101,25 @@ fn respond<W: Outlet>(
             format!("RANGE {name:?} {start}-{end}"),
             send_range(peer, out, &name, &hash, start, end),
         ),
+        Request::Prove { nonce, addr } => {
+            // Whoever asks gets a signature binding this key to the
+            // address it names and its nonce: that proves nothing about
+            // anything else, so it is safe to give.
+            let sig = peer
+                .identity
+                .sign(&address_message(&nonce, &addr.to_string()));
+            let reply = Response::Proof {
+                key: peer.identity.key(),
+                sig,
+            };
+            (
+                format!("PROVE {addr}"),
+                reply
+                    .write_to(out)
+                    .map(|()| "proved".to_string())
+                    .map_err(Into::into),
+            )
+        }
     })
 }
 
@@ -143,7 +168,13 @@ fn send_file<W: Outlet>(
 }
 
 /// Answers the size and hash of a file, as `GET` would, without content.
-fn send_head<W: Outlet>(peer: &Peer, out: &mut W, name: &FileName) -> Result<String, SendError> {
+/// The size and hash of `name`; with a nonce, signed by this peer's key.
+fn send_head<W: Outlet>(
+    peer: &Peer,
+    out: &mut W,
+    name: &FileName,
+    nonce: Option<[u8; 16]>,
+) -> Result<String, SendError> {
     let served = match peer.library.open_file(name) {
         Ok(served) => served,
         Err(refusal) => {
@@ -152,11 +183,24 @@ fn send_head<W: Outlet>(peer: &Peer, out: &mut W, name: &FileName) -> Result<Str
             return Ok(summary);
         }
     };
-    Response::File(FileHeader {
+    let header = FileHeader {
         size: served.size,
         hash: served.hash,
-    })
-    .write_to(out)?;
+    };
+    let reply = match nonce {
+        None => Response::File(header),
+        Some(nonce) => Response::Vouched {
+            header,
+            key: peer.identity.key(),
+            sig: peer.identity.sign(&file_message(
+                &nonce,
+                &name.encode(),
+                served.size,
+                &served.hash,
+            )),
+        },
+    };
+    reply.write_to(out)?;
     Ok(format!("{} bytes", served.size))
 }
 
@@ -261,6 +305,7 @@ mod tests {
             library: Library::open(dir).unwrap(),
             idle_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
+            identity: Identity::from_seed([1; 32]),
         }
     }
 

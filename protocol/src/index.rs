@@ -9,6 +9,7 @@ use std::{
 };
 
 use crate::{
+    identity::PeerKey,
     name::{percent_decode, percent_encode},
     parse_num, read_reply_line, ContentHash, FileName, PeerAddr, ProtocolError, MAX_LINE,
 };
@@ -181,11 +182,13 @@ pub fn read_offer_body<R: BufRead + ?Sized>(
 }
 
 /// A holder of a file, in a `HOLDERS` reply:
-/// `<ip>:<port> <size> <hash> <holders> <name>`.
+/// `<ip>:<port> <key> <size> <hash> <holders> <name>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
     /// Where the peer serves.
     pub addr: PeerAddr,
+    /// The key that owns the peer's entry: the peer proves it on request.
+    pub key: PeerKey,
     /// The name it holds the content under.
     pub name: FileName,
     /// The content's size.
@@ -200,8 +203,9 @@ impl Holder {
     pub(crate) fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
         writeln!(
             w,
-            "{} {} {} {} {}",
+            "{} {} {} {} {} {}",
             self.addr,
+            self.key,
             self.size,
             self.hash,
             self.holders,
@@ -213,6 +217,7 @@ impl Holder {
         let mut words = line.split(' ');
         let mut next = |what| words.next().ok_or(ProtocolError::Missing(what));
         let addr = next("address")?.parse()?;
+        let key = next("key")?.parse()?;
         let size = parse_num("size", next("size")?)?;
         let hash = parse_hash(next("hash")?)?;
         let holders = parse_num("holders", next("holders")?)?;
@@ -222,6 +227,7 @@ impl Holder {
         }
         Ok(Holder {
             addr,
+            key,
             name,
             size,
             hash,

@@ -10,6 +10,7 @@
 
 mod addr;
 mod error;
+pub mod identity;
 pub mod index;
 mod line;
 mod name;

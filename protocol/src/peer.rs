@@ -8,8 +8,9 @@ pub mod proof;
 use std::io::{self, BufRead, Write};
 
 use crate::{
+    identity::{nonce_hex, parse_nonce, PeerKey, Signature},
     parse_num, read_items, read_line, read_reply_line, split_request, write_whole, ContentHash,
-    ErrorReply, FileName, ProtocolError, MAX_LINE, VERSION,
+    ErrorReply, FileName, PeerAddr, ProtocolError, MAX_LINE, VERSION,
 };
 
 /// The most entries a `FILES` reply may carry; peers list no more than this.
@@ -21,8 +22,12 @@ pub enum Request {
     Get { name: FileName, offset: u64 },
     /// "Which files do you have?"
     List,
-    /// "What size and hash has `name`?" Answered like `Get`, without content.
-    Head { name: FileName },
+    /// "What size and hash has `name`?" Answered like `Get`, without
+    /// content; with a `nonce`, "and sign that you say so" (`Vouched`).
+    Head {
+        name: FileName,
+        nonce: Option<[u8; 16]>,
+    },
     /// "Send me bytes `start..end` of `name` if it still hashes to `hash`,
     /// with their proof." `start` is a multiple of [`proof::GROUP`], `end`
     /// one too or the file's size.
@@ -32,6 +37,9 @@ pub enum Request {
         start: u64,
         end: u64,
     },
+    /// From a relay checking an advertised address: "prove that you, at
+    /// `addr`, hold your key": sign [`crate::identity::address_message`].
+    Prove { nonce: [u8; 16], addr: PeerAddr },
 }
 
 /// The code of the `ERR` that answers a `RANGE` for content the peer no
@@ -53,6 +61,7 @@ impl Request {
             "LIST" => Request::List,
             "HEAD" => Request::Head {
                 name: FileName::decode(args.required("file name")?)?,
+                nonce: args.optional().map(parse_nonce).transpose()?,
             },
             "RANGE" => {
                 let name = FileName::decode(args.required("file name")?)?;
@@ -68,6 +77,10 @@ impl Request {
                     end,
                 }
             }
+            "PROVE" => Request::Prove {
+                nonce: parse_nonce(args.required("nonce")?)?,
+                addr: args.required("address")?.parse()?,
+            },
             _ => return Err(ProtocolError::UnknownCommand(verb.to_string())),
         };
         args.finish()?;
@@ -95,13 +108,22 @@ impl Request {
                 writeln!(w, "{VERSION} GET {} {offset}", name.encode())
             }
             Request::List => writeln!(w, "{VERSION} LIST"),
-            Request::Head { name } => writeln!(w, "{VERSION} HEAD {}", name.encode()),
+            Request::Head { name, nonce: None } => {
+                writeln!(w, "{VERSION} HEAD {}", name.encode())
+            }
+            Request::Head {
+                name,
+                nonce: Some(nonce),
+            } => writeln!(w, "{VERSION} HEAD {} {}", name.encode(), nonce_hex(nonce)),
             Request::Range {
                 name,
                 hash,
                 start,
                 end,
             } => writeln!(w, "{VERSION} RANGE {} {hash} {start} {end}", name.encode()),
+            Request::Prove { nonce, addr } => {
+                writeln!(w, "{VERSION} PROVE {} {addr}", nonce_hex(nonce))
+            }
         }
     }
 }
@@ -138,11 +160,25 @@ pub struct FileEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     File(FileHeader),
+    /// The answer to a `HEAD` with a nonce: the header, signed by the
+    /// peer's key over [`crate::identity::file_message`], so that a client
+    /// knows the peer it reached is the one the relay named.
+    /// `FILE <size> <hash> <key> <signature>` on the wire.
+    Vouched {
+        header: FileHeader,
+        key: PeerKey,
+        sig: Signature,
+    },
     Range(RangeHeader),
     /// `truncated`: the peer has more files than it listed.
     Files {
         entries: Vec<FileEntry>,
         truncated: bool,
+    },
+    /// The answer to `PROVE`: the peer's key and its signature.
+    Proof {
+        key: PeerKey,
+        sig: Signature,
     },
     Error(ErrorReply),
 }
@@ -157,14 +193,23 @@ impl Response {
         let (word, rest) = line.split_once(' ').unwrap_or((&line, ""));
         Ok(match word {
             "FILE" => {
-                let (size, hash) = rest
-                    .split_once(' ')
-                    .ok_or_else(|| ProtocolError::invalid("file header", &line))?;
-                Response::File(FileHeader {
-                    size: parse_num("size", size)?,
-                    hash: ContentHash::from_hex(hash)
-                        .map_err(|_| ProtocolError::invalid("hash", hash))?,
-                })
+                let words: Vec<&str> = rest.split(' ').collect();
+                let header = |size: &str, hash: &str| -> Result<FileHeader, ProtocolError> {
+                    Ok(FileHeader {
+                        size: parse_num("size", size)?,
+                        hash: ContentHash::from_hex(hash)
+                            .map_err(|_| ProtocolError::invalid("hash", hash))?,
+                    })
+                };
+                match words[..] {
+                    [size, hash] => Response::File(header(size, hash)?),
+                    [size, hash, key, sig] => Response::Vouched {
+                        header: header(size, hash)?,
+                        key: key.parse()?,
+                        sig: sig.parse()?,
+                    },
+                    _ => return Err(ProtocolError::invalid("file header", &line)),
+                }
             }
             "RANGE" => {
                 let mut words = rest.split(' ');
@@ -192,6 +237,15 @@ impl Response {
                     truncated,
                 }
             }
+            "PROOF" => {
+                let (key, sig) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| ProtocolError::invalid("proof", &line))?;
+                Response::Proof {
+                    key: key.parse()?,
+                    sig: sig.parse()?,
+                }
+            }
             "ERR" => Response::Error(ErrorReply::parse(rest)?),
             _ => return Err(ProtocolError::UnexpectedReply(line)),
         })
@@ -207,6 +261,9 @@ impl Response {
     fn encode(&self, w: &mut Vec<u8>) -> io::Result<()> {
         match self {
             Response::File(header) => writeln!(w, "FILE {} {}", header.size, header.hash),
+            Response::Vouched { header, key, sig } => {
+                writeln!(w, "FILE {} {} {key} {sig}", header.size, header.hash)
+            }
             Response::Range(header) => {
                 writeln!(w, "RANGE {} {} {}", header.size, header.hash, header.proof)
             }
@@ -221,6 +278,7 @@ impl Response {
                 }
                 Ok(())
             }
+            Response::Proof { key, sig } => writeln!(w, "PROOF {key} {sig}"),
             Response::Error(e) => e.encode(w),
         }
     }
@@ -271,12 +329,23 @@ mod tests {
                 offset: u64::MAX,
             },
             Request::List,
-            Request::Head { name: name("a b") },
+            Request::Head {
+                name: name("a b"),
+                nonce: None,
+            },
+            Request::Head {
+                name: name("a"),
+                nonce: Some([3; 16]),
+            },
             Request::Range {
                 name: name("x/y"),
                 hash: blake3::hash(b"x"),
                 start: 16384,
                 end: u64::MAX,
+            },
+            Request::Prove {
+                nonce: [7; 16],
+                addr: "[::1]:7000".parse().unwrap(),
             },
         ] {
             assert_eq!(round_trip_request(&req), req);
@@ -306,7 +375,11 @@ mod tests {
             ("RP2P/1 GET %zz", "invalid escape in file name \"%zz\""),
             ("RP2P/1 PUT a", "unknown command \"PUT\""),
             ("RP2P/1 HEAD", "missing file name"),
-            ("RP2P/1 HEAD a b", "unexpected argument \"b\""),
+            ("RP2P/1 HEAD a b", "invalid nonce \"b\""),
+            (
+                &format!("RP2P/1 HEAD a {} c", "0".repeat(32)),
+                "unexpected argument \"c\"",
+            ),
             ("RP2P/1 RANGE a", "missing hash"),
             ("RP2P/1 RANGE a 00 0 1", "invalid hash \"00\""),
             (
@@ -346,7 +419,20 @@ mod tests {
 
     #[test]
     fn lists_and_errors_round_trip() {
+        let me = crate::identity::Identity::from_seed([5; 32]);
         for resp in [
+            Response::Proof {
+                key: me.key(),
+                sig: me.sign(b"x"),
+            },
+            Response::Vouched {
+                header: FileHeader {
+                    size: 3,
+                    hash: blake3::hash(b"abc"),
+                },
+                key: me.key(),
+                sig: me.sign(b"y"),
+            },
             Response::Files {
                 entries: vec![],
                 truncated: false,

@@ -9,6 +9,7 @@ use std::{
 
 use crate::{
     error::is_token,
+    identity::{parse_mac, Auth, NetworkMac, PeerKey},
     index::{parse_hash, read_lines, Holder, ListDigest, Listed, Pattern},
     parse_num, read_items, read_line, read_reply_line, split_request, write_whole, ContentHash,
     ErrorReply, FileName, PeerAddr, ProtocolError, MAX_LINE, VERSION,
@@ -28,6 +29,8 @@ pub enum Request {
     Unregister { port: u16, host: Option<IpAddr> },
     /// "Which peers are live?"
     Peers,
+    /// "Which peers are live, and with which keys?" (`PEERS LONG`)
+    PeersLong,
     /// "How are you doing?"
     Stats,
     /// A heartbeat that also says which list of files the peer holds, by
@@ -76,7 +79,11 @@ impl Request {
                     Request::Unregister { port, host }
                 }
             }
-            "PEERS" => Request::Peers,
+            "PEERS" => match args.optional() {
+                None => Request::Peers,
+                Some(word) if word.eq_ignore_ascii_case("LONG") => Request::PeersLong,
+                Some(other) => return Err(ProtocolError::Unexpected(other.to_string())),
+            },
             "STATS" => Request::Stats,
             "ANNOUNCE" | "OFFER" => {
                 let port: u16 = parse_num("port", args.required("port")?)?;
@@ -118,6 +125,92 @@ impl Request {
         }
     }
 
+    /// Parses a request that may end in a credential: a peer's signature,
+    /// `... KEY <key> TS <ts> SIG <signature>` (see [`Auth`]), or a private
+    /// network's MAC, `... TS <ts> MAC <mac>` (see [`NetworkMac`]).
+    pub fn parse_signed(line: &str) -> Result<(Self, Option<Credential>), ProtocolError> {
+        let words: Vec<&str> = crate::words(line).collect();
+        let Some(at) = words
+            .iter()
+            .skip(2)
+            .position(|w| *w == "KEY" || *w == "TS")
+            .map(|i| i + 2)
+        else {
+            return Ok((Request::parse(line)?, None));
+        };
+        let request = Request::parse(&words[..at].join(" "))?;
+        let credential = match &words[at..] {
+            ["KEY", key, "TS", ts, "SIG", sig] => Credential::Signed(Auth {
+                key: key.parse()?,
+                ts: parse_num("timestamp", ts)?,
+                sig: sig.parse()?,
+            }),
+            ["TS", ts, "MAC", mac] => Credential::Network(NetworkMac {
+                ts: parse_num("timestamp", ts)?,
+                mac: parse_mac(mac)?,
+            }),
+            _ => return Err(ProtocolError::invalid("signature", &words[at..].join(" "))),
+        };
+        Ok((request, Some(credential)))
+    }
+
+    /// Reads one request and its credential, if it has one.
+    pub fn read_signed_from<R: BufRead + ?Sized>(
+        r: &mut R,
+    ) -> Result<Option<(Self, Option<Credential>)>, ProtocolError> {
+        match read_line(r, MAX_LINE)? {
+            Some(line) => Request::parse_signed(&line).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The request line as this crate writes it, without its line end:
+    /// what a signature covers, however the sender spaced its words.
+    pub fn canonical(&self) -> String {
+        let mut line = Vec::with_capacity(128);
+        // Writing to a Vec cannot fail.
+        let _ = self.encode(&mut line);
+        line.pop();
+        String::from_utf8_lossy(&line).into_owned()
+    }
+
+    /// Writes the request with its signature, in one write.
+    pub fn write_signed_to<W: Write + ?Sized>(&self, auth: &Auth, w: &mut W) -> io::Result<()> {
+        write_whole(w, |buf| writeln!(buf, "{} {auth}", self.canonical()))
+    }
+
+    /// Writes the request with a private network's MAC, in one write.
+    pub fn write_with_mac_to<W: Write + ?Sized>(
+        &self,
+        mac: &NetworkMac,
+        w: &mut W,
+    ) -> io::Result<()> {
+        write_whole(w, |buf| writeln!(buf, "{} {mac}", self.canonical()))
+    }
+}
+
+/// What proves a request may be made: a peer's signature, or the MAC of a
+/// private network's clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// Signed by a peer's key.
+    Signed(Auth),
+    /// Made with the network's secret.
+    Network(NetworkMac),
+}
+
+impl Request {
+    /// True for requests that change the registry, which a peer signs.
+    pub fn changes_registry(&self) -> bool {
+        matches!(
+            self,
+            Request::Register { .. }
+                | Request::Unregister { .. }
+                | Request::Announce { .. }
+                | Request::Offer { .. }
+        )
+    }
+
     /// Writes the message with a single `write_all`, so that it leaves in
     /// as few packets as possible.
     pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
@@ -138,6 +231,7 @@ impl Request {
                 }
             }
             Request::Peers => writeln!(w, "{VERSION} PEERS"),
+            Request::PeersLong => writeln!(w, "{VERSION} PEERS LONG"),
             Request::Stats => writeln!(w, "{VERSION} STATS"),
             Request::Announce { port, digest, host } | Request::Offer { port, digest, host } => {
                 let verb = if matches!(self, Request::Announce { .. }) {
@@ -168,6 +262,8 @@ pub enum Response {
     },
     Unregistered,
     Peers(Vec<PeerAddr>),
+    /// Live peers with the keys that own their entries.
+    PeersLong(Vec<(PeerAddr, PeerKey)>),
     /// Named counters, in the relay's order.
     Stats(Vec<(String, u64)>),
     /// Registered, but the relay does not hold the list with the digest
@@ -202,6 +298,12 @@ impl Response {
             },
             "UNREGISTERED" if rest.is_empty() => Response::Unregistered,
             "PEERS" => Response::Peers(read_items(r, rest, MAX_PEERS, str::parse)?),
+            "PEERS-LONG" => Response::PeersLong(read_items(r, rest, MAX_PEERS, |line| {
+                let (addr, key) = line
+                    .split_once(' ')
+                    .ok_or_else(|| ProtocolError::invalid("peer", line))?;
+                Ok((addr.parse()?, key.parse()?))
+            })?),
             "STATS" => Response::Stats(read_items(r, rest, MAX_STATS, parse_stat)?),
             "SEND-LIST" => {
                 let (ttl, max) = rest
@@ -252,6 +354,13 @@ impl Response {
                 writeln!(w, "PEERS {}", peers.len())?;
                 for peer in peers {
                     writeln!(w, "{peer}")?;
+                }
+                Ok(())
+            }
+            Response::PeersLong(peers) => {
+                writeln!(w, "PEERS-LONG {}", peers.len())?;
+                for (peer, key) in peers {
+                    writeln!(w, "{peer} {key}")?;
                 }
                 Ok(())
             }
@@ -339,6 +448,7 @@ mod tests {
                 host: Some("::1".parse().unwrap()),
             },
             Request::Peers,
+            Request::PeersLong,
             Request::Stats,
             Request::Announce {
                 port: 7000,
@@ -366,6 +476,58 @@ mod tests {
             },
         ] {
             assert_eq!(round_trip_request(&req), req);
+        }
+    }
+
+    #[test]
+    fn signed_requests_parse_and_verify_whatever_the_spacing() {
+        let me = crate::identity::Identity::from_seed([3; 32]);
+        let request = Request::Register {
+            port: 7000,
+            host: None,
+        };
+        let auth = me.authorize(&request.canonical(), 1234);
+        let mut line = Vec::new();
+        request.write_signed_to(&auth, &mut line).unwrap();
+        let line = String::from_utf8(line).unwrap();
+        let (back, got) = Request::parse_signed(line.trim_end()).unwrap();
+        assert_eq!(back, request);
+        assert_eq!(got, Some(Credential::Signed(auth)));
+        assert!(auth.verifies(&back.canonical()));
+        // Tabs and extra spaces do not change what was signed.
+        let spaced = line.trim_end().replace(' ', " \t ");
+        let (back, got) = Request::parse_signed(&spaced).unwrap();
+        let Some(Credential::Signed(got)) = got else {
+            panic!("no signature")
+        };
+        assert!(got.verifies(&back.canonical()));
+        let mac = NetworkMac::new(&[4; 32], "RP2P/1 PEERS", 9);
+        let mut line = Vec::new();
+        Request::Peers.write_with_mac_to(&mac, &mut line).unwrap();
+        let (back, got) =
+            Request::parse_signed(String::from_utf8(line).unwrap().trim_end()).unwrap();
+        assert_eq!(
+            (back, got),
+            (Request::Peers, Some(Credential::Network(mac)))
+        );
+        // Unsigned requests parse as before; a broken trailer does not.
+        assert_eq!(
+            Request::parse_signed("RP2P/1 PEERS").unwrap(),
+            (Request::Peers, None)
+        );
+        for bad in [
+            "RP2P/1 REGISTER 7000 KEY",
+            "RP2P/1 REGISTER 7000 KEY 00 TS 1 SIG 00",
+            &format!(
+                "RP2P/1 REGISTER 7000 KEY {} TS x SIG {}",
+                auth.key, auth.sig
+            ),
+            &format!(
+                "RP2P/1 REGISTER 7000 KEY {} TS 1 SIG {} more",
+                auth.key, auth.sig
+            ),
+        ] {
+            assert!(Request::parse_signed(bad).is_err(), "{bad}");
         }
     }
 
@@ -472,9 +634,14 @@ mod tests {
                 max_files: 10_000,
             },
             Response::Indexed { files: 3 },
+            Response::PeersLong(vec![(
+                "[::1]:2".parse().unwrap(),
+                crate::identity::Identity::from_seed([2; 32]).key(),
+            )]),
             Response::Holders(vec![]),
             Response::Holders(vec![Holder {
                 addr: "127.0.0.1:7000".parse().unwrap(),
+                key: crate::identity::Identity::from_seed([1; 32]).key(),
                 name: FileName::new("a b.txt").unwrap(),
                 size: 3,
                 hash: blake3::hash(b"abc"),
@@ -530,6 +697,7 @@ mod tests {
                 .into_iter()
                 .map(|(name, size, hash, holders, port)| Holder {
                     addr: PeerAddr::new([127, 0, 0, 1].into(), port).unwrap(),
+                    key: crate::identity::Identity::from_seed([port as u8; 32]).key(),
                     name: FileName::new(&name).unwrap(),
                     size,
                     hash: hash.into(),

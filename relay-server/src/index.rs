@@ -15,6 +15,7 @@ use std::{
 
 use globset::GlobMatcher;
 use protocol::{
+    identity::PeerKey,
     index::{Holder, Holding, ListDigest, Listed, MAX_REPLY_LINES},
     ContentHash, FileName, PeerAddr,
 };
@@ -48,6 +49,7 @@ struct Inner {
 
 struct Peer {
     addr: PeerAddr,
+    key: PeerKey,
     digest: ListDigest,
     /// What it holds, each with its place in the version's holders.
     files: Vec<(VersionId, u32)>,
@@ -107,6 +109,7 @@ impl Index {
     pub fn replace(
         &self,
         peer: PeerAddr,
+        key: PeerKey,
         digest: ListDigest,
         files: &[Holding],
     ) -> Result<usize, Refused> {
@@ -122,7 +125,7 @@ impl Index {
             });
         }
         inner.remove(&peer);
-        let id = inner.add_peer(peer, digest);
+        let id = inner.add_peer(peer, key, digest);
         for file in files {
             inner.hold(id, file);
         }
@@ -212,9 +215,10 @@ impl Inner {
         self.versions.get(id as usize)?.as_ref()
     }
 
-    fn add_peer(&mut self, addr: PeerAddr, digest: ListDigest) -> PeerId {
+    fn add_peer(&mut self, addr: PeerAddr, key: PeerKey, digest: ListDigest) -> PeerId {
         let peer = Peer {
             addr,
+            key,
             digest,
             files: Vec::new(),
         };
@@ -343,6 +347,7 @@ impl Inner {
                 if let Some(p) = self.peer(peer) {
                     out.push(Holder {
                         addr: p.addr,
+                        key: p.key,
                         name: name.clone(),
                         size: v.size,
                         hash: v.hash,
@@ -386,7 +391,8 @@ mod tests {
     }
 
     fn offer(index: &Index, port: u16, files: &[Holding]) -> Result<usize, Refused> {
-        index.replace(addr(port), ListDigest::of(files), files)
+        let key = protocol::identity::Identity::from_seed([port as u8; 32]).key();
+        index.replace(addr(port), key, ListDigest::of(files), files)
     }
 
     fn all() -> GlobMatcher {

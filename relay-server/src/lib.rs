@@ -7,9 +7,23 @@
 
 pub use netkit::server::{Running, StartError};
 
+/// Why a relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The listener or a thread.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The `--allow-keys` file.
+    #[error(transparent)]
+    AllowKeys(#[from] AllowError),
+}
+
 mod index;
 mod limits;
 mod registry;
+mod trust;
+
+pub use trust::AllowError;
 mod serve;
 
 pub use limits::SourceLimits;
@@ -45,6 +59,11 @@ pub struct Config {
     pub max_holdings: usize,
     /// What one source address may ask and hold.
     pub limits: SourceLimits,
+    /// `--allow-keys`: only the peers whose keys this file lists may
+    /// register (re-read by [`Relay::reload_allowed_keys`], on SIGHUP).
+    pub allow_keys: Option<std::path::PathBuf>,
+    /// A private network's secret: lookups must carry a MAC made with it.
+    pub network_secret: Option<[u8; 32]>,
 }
 
 impl Default for Config {
@@ -61,6 +80,8 @@ impl Default for Config {
             max_files_per_peer: 10_000,
             max_holdings: 20_000_000,
             limits: SourceLimits::default(),
+            allow_keys: None,
+            network_secret: None,
         }
     }
 }
@@ -69,12 +90,13 @@ impl Default for Config {
 /// [`Running::wait`] let replies in flight finish first.
 pub struct Relay {
     server: Server,
+    state: Arc<serve::State>,
     sweeper: Option<JoinHandle<()>>,
     grace: Duration,
 }
 
 /// Binds `config.bind` and starts serving in background threads.
-pub fn bind(config: Config) -> Result<Relay, StartError> {
+pub fn bind(config: Config) -> Result<Relay, BindError> {
     let limits = Limits {
         max_connections: config.max_connections,
         max_per_ip: config.limits.max_connections_per_ip,
@@ -84,19 +106,48 @@ pub fn bind(config: Config) -> Result<Relay, StartError> {
     let (listener, local) = netkit::server::bind(config.bind, limits.backlog)?;
     let shutdown = Arc::new(Shutdown::new(local));
     let connections = Arc::new(Connections::default());
-    let state = Arc::new(serve::State::new(&config, Arc::clone(&connections)));
+    // A relay that serves loopback only is a network on one machine: it
+    // may list loopback addresses, which anywhere else would send clients
+    // to their own machine.
+    let trust = trust::Trust::new(
+        local.ip().is_loopback(),
+        config.allow_keys.clone(),
+        config.network_secret,
+        config.ttl,
+        config.max_registered,
+    )?;
+    let state = Arc::new(serve::State::new(&config, Arc::clone(&connections), trust));
     let sweeper = {
         let (state, shutdown) = (Arc::clone(&state), Arc::clone(&shutdown));
         spawn_thread("sweeper", move || state.sweep(&shutdown))?
     };
-    let handler = Arc::new(move |stream| state.handle(stream));
+    let handler = {
+        let state = Arc::clone(&state);
+        Arc::new(move |stream| state.handle(stream))
+    };
     let server = Server::spawn(listener, limits, shutdown, connections, handler)?;
     info!("relay listening on {local} (ttl {}s)", config.ttl.as_secs());
     Ok(Relay {
         server,
+        state,
         sweeper: Some(sweeper),
         grace: config.grace,
     })
+}
+
+impl Relay {
+    /// Reads the `--allow-keys` file again (SIGHUP); returns how many keys
+    /// it holds, `None` on a relay open to every key.
+    pub fn reload_allowed_keys(&self) -> Result<Option<usize>, AllowError> {
+        self.state.trust.reload()
+    }
+
+    /// `reload_allowed_keys` for a signal handler's thread, which outlives
+    /// the borrow of the relay.
+    pub fn key_reloader(&self) -> impl Fn() -> Result<Option<usize>, AllowError> + Send + 'static {
+        let state = Arc::clone(&self.state);
+        move || state.trust.reload()
+    }
 }
 
 impl Running for Relay {

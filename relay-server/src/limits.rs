@@ -2,8 +2,8 @@
 //!
 //! Each source ([`source_key`]: an IPv4 address, or an IPv6 /64) has two
 //! token buckets, one for requests that change the registry (REGISTER,
-//! ANNOUNCE, OFFER, UNREGISTER) and one for lookups (PEERS, WHO, WHOHAS,
-//! LS, STATS), and may have at most so many peers registered. Without
+//! ANNOUNCE, OFFER, UNREGISTER) and one for lookups (PEERS, PEERS LONG,
+//! WHO, WHOHAS, LS, STATS), and may have at most so many peers registered. Without
 //! them, one host registering fake peers at 6,500-10,000 a second filled
 //! the 250,000-entry registry in half a minute. A refusal is
 //! `ERR busy retry-after <secs> ...`, which the client and the peer honour.
@@ -44,7 +44,7 @@ pub struct SourceLimits {
     pub write_rate: f64,
     /// How many of those may come at once after a quiet spell.
     pub write_burst: u32,
-    /// Lookups (PEERS, WHO, WHOHAS, LS, STATS) a second.
+    /// Lookups (PEERS, PEERS LONG, WHO, WHOHAS, LS, STATS) a second.
     pub read_rate: f64,
     /// How many of those may come at once after a quiet spell.
     pub read_burst: u32,
@@ -166,6 +166,7 @@ fn kind(request: &Request) -> (Kind, &'static str) {
         Request::Offer { .. } => (Kind::Write, "OFFER"),
         Request::Unregister { .. } => (Kind::Write, "UNREGISTER"),
         Request::Peers => (Kind::Read, "PEERS"),
+        Request::PeersLong => (Kind::Read, "PEERS LONG"),
         Request::Who { .. } => (Kind::Read, "WHO"),
         Request::WhoHas { .. } => (Kind::Read, "WHOHAS"),
         Request::Ls { .. } => (Kind::Read, "LS"),

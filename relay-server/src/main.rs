@@ -57,6 +57,14 @@ struct Args {
     /// exempt otherwise, so that one machine can run a whole test network)
     #[arg(long, env = "RELAY_LIMIT_LOOPBACK", value_parser = FalseyValueParser::new())]
     limit_loopback: bool,
+    /// Only peers whose keys this file lists (one hex key a line, `#`
+    /// comments) may register; re-read on SIGHUP
+    #[arg(long, env = "RELAY_ALLOW_KEYS", value_name = "FILE")]
+    allow_keys: Option<std::path::PathBuf>,
+    /// Serve lookups only to clients that know this network's secret (a
+    /// file of 64 hex digits, mode 0600)
+    #[arg(long, env = "RELAY_NETWORK_SECRET", value_name = "FILE")]
+    network_secret: Option<std::path::PathBuf>,
     /// Close a connection that sends or accepts nothing for this many seconds
     #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     idle_timeout: u64,
@@ -78,6 +86,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let network_secret = args
+        .network_secret
+        .as_deref()
+        .map(cli::read_secret)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let relay = relay_server::bind(relay_server::Config {
         bind: SocketAddr::new(args.bind, args.port),
         ttl: Duration::from_secs(args.ttl),
@@ -97,7 +111,24 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_peers_per_ip: args.max_peers_per_ip,
             max_connections_per_ip: args.max_connections_per_ip,
         },
+        allow_keys: args.allow_keys.clone(),
+        network_secret,
     })?;
+    if args.allow_keys.is_some() {
+        let reload = relay.key_reloader();
+        let mut hangups = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+        // Lives as long as the process: SIGHUP can come at any time.
+        std::thread::Builder::new()
+            .name("sighup".into())
+            .spawn(move || {
+                for _ in hangups.forever() {
+                    match reload() {
+                        Ok(count) => log::info!("allowed keys reloaded: {}", count.unwrap_or(0)),
+                        Err(e) => log::warn!("{e}; keeping the keys read before"),
+                    }
+                }
+            })?;
+    }
     cli::serve_until_signal(relay).map_err(anyhow::Error::msg)
 }
 

@@ -13,15 +13,17 @@ use std::{
 use log::{debug, info, warn};
 use netkit::{close_gently, describe_io, server::Connections, Deadline, Shutdown};
 use protocol::{
+    identity::Auth,
     index::{read_offer_body, ListDigest, Pattern},
-    relay::{Request, Response},
+    relay::{Credential, Request, Response},
     ErrorCode, ErrorReply, FileName, PeerAddr, ProtocolError, MAX_LINE,
 };
 
 use crate::{
     index::{Index, Refused},
     limits::Limiter,
-    registry::{Registered, Registry},
+    registry::{Refusal, Registered, Registry},
+    trust::{Trust, MAX_SKEW},
     Config,
 };
 
@@ -29,6 +31,7 @@ use crate::{
 pub(crate) struct State {
     registry: Registry,
     index: Index,
+    pub(crate) trust: Trust,
     max_peers_returned: usize,
     idle_timeout: Duration,
     started: Instant,
@@ -46,6 +49,9 @@ struct Stats {
     bad_requests: AtomicU64,
     timeouts: AtomicU64,
     offers: AtomicU64,
+    /// Requests refused as `forbidden`: unsigned, badly signed, replayed,
+    /// for another key's entry, or for an address that was not proven.
+    forbidden: AtomicU64,
     index_lookups: AtomicU64,
     /// Registrations refused because the registry was full; connections
     /// refused over the cap are counted by `connections`.
@@ -57,8 +63,9 @@ fn bump(counter: &AtomicU64) {
 }
 
 impl State {
-    pub(crate) fn new(config: &Config, connections: Arc<Connections>) -> Self {
+    pub(crate) fn new(config: &Config, connections: Arc<Connections>, trust: Trust) -> Self {
         State {
+            trust,
             registry: Registry::new(config.ttl, config.max_registered),
             index: Index::new(config.max_files_per_peer, config.max_holdings),
             max_peers_returned: config.max_peers_returned,
@@ -75,7 +82,9 @@ impl State {
         while !shutdown.sleep(Duration::from_secs(1)) {
             let now = Instant::now();
             self.limits.expire(now);
-            for peer in self.registry.expire(now) {
+            // Retired keys are remembered long enough that their old
+            // requests fall outside the clock window before they are forgotten.
+            for peer in self.registry.expire(now, MAX_SKEW * 2) {
                 self.index.remove(&peer);
                 bump(&self.stats.expired);
                 info!(
@@ -132,12 +141,15 @@ impl State {
         from: IpAddr,
         extend: &dyn Fn(),
     ) -> Option<(String, Response)> {
-        match Request::read_from(input) {
-            // The fair limits come first: a refused request costs no more.
-            Ok(Some(request)) => Some(match self.limits.check(from, &request, Instant::now()) {
-                Ok(()) => self.answer(request, from, input, extend),
-                Err(refused) => (refused.summary, refused.reply.into()),
-            }),
+        match Request::read_signed_from(input) {
+            // The fair limits come first: a refused request costs no more,
+            // not even the check of its signature.
+            Ok(Some((request, credential))) => {
+                Some(match self.limits.check(from, &request, Instant::now()) {
+                    Ok(()) => self.answer(request, credential, from, input, extend),
+                    Err(refused) => (refused.summary, refused.reply.into()),
+                })
+            }
             Ok(None) => None,
             Err(e) => Some(self.refuse(&e)),
         }
@@ -155,33 +167,70 @@ impl State {
         (netkit::server::describe_refusal(e), Response::Error(reply))
     }
 
-    /// Lists `peer` or refreshes it: what REGISTER, ANNOUNCE and OFFER
-    /// share. On success, the log's word for it; otherwise the reply.
+    /// Who speaks, for a request that changes the registry: its signature
+    /// checked, and the address to list for it.
+    fn speaker(
+        &self,
+        request: &Request,
+        auth: Option<Auth>,
+        from: IpAddr,
+        port: u16,
+        host: Option<IpAddr>,
+    ) -> Result<(PeerAddr, Auth), (String, Response)> {
+        let verb = verb(request);
+        let trusted = self
+            .trust
+            .check(request, auth)
+            .and_then(|auth| Ok((self.trust.listed_addr(from, port, host, &auth.key)?, auth)));
+        trusted.map_err(|why| {
+            bump(&self.stats.forbidden);
+            let reply = ErrorReply::new(ErrorCode::Forbidden, &why);
+            (format!("{verb} refused: {why}"), reply.into())
+        })
+    }
+
+    /// Lists `peer` for its key, or refreshes it: what REGISTER, ANNOUNCE
+    /// and OFFER share. On success, the log's word for it; otherwise the reply.
     fn register(
         &self,
         verb: &str,
         peer: PeerAddr,
+        auth: &Auth,
         now: Instant,
-    ) -> Result<&'static str, (String, Response)> {
-        match self.registry.register(peer, now) {
-            Registered::Full => {
-                bump(&self.stats.registry_full);
-                let reply = ErrorReply::new(
-                    ErrorCode::Busy,
-                    format!("the registry is full ({} peers)", self.registry.len()),
-                );
-                Err((
-                    format!("{verb} {peer} refused: registry full"),
-                    reply.into(),
-                ))
-            }
+    ) -> Result<String, (String, Response)> {
+        let refuse = |code, message: String, stat: &AtomicU64| {
+            bump(stat);
+            let reply = ErrorReply::new(code, &message);
+            Err((format!("{verb} {peer} refused: {message}"), reply.into()))
+        };
+        match self.registry.register(peer, auth.key, auth.ts, now) {
+            Registered::Full => refuse(
+                ErrorCode::Busy,
+                format!("the registry is full ({} peers)", self.registry.len()),
+                &self.stats.registry_full,
+            ),
+            Registered::Taken => refuse(
+                ErrorCode::Forbidden,
+                format!("{peer} is listed for another key until it expires"),
+                &self.stats.forbidden,
+            ),
+            Registered::Replayed => refuse(
+                ErrorCode::Forbidden,
+                "not newer than a request already accepted from this key (a replay?)".into(),
+                &self.stats.forbidden,
+            ),
             Registered::New => {
                 bump(&self.stats.registrations);
-                Ok("new")
+                Ok(format!("new, key {}", auth.key.short()))
             }
             Registered::Refreshed => {
                 bump(&self.stats.registrations);
-                Ok("refreshed")
+                Ok("refreshed".into())
+            }
+            Registered::Moved { from } => {
+                bump(&self.stats.registrations);
+                self.index.remove(&from);
+                Ok(format!("moved from {from}, key {}", auth.key.short()))
             }
         }
     }
@@ -191,21 +240,31 @@ impl State {
     fn answer(
         &self,
         request: Request,
+        credential: Option<Credential>,
         from: IpAddr,
         input: &mut dyn BufRead,
         extend: &dyn Fn(),
     ) -> (String, Response) {
         let now = Instant::now();
         let ttl_secs = self.registry.ttl().as_secs();
+        let auth = match credential {
+            Some(Credential::Signed(auth)) => Some(auth),
+            _ => None,
+        };
+        if !request.changes_registry() {
+            if let Err(why) = self.trust.check_lookup(&request, credential) {
+                bump(&self.stats.forbidden);
+                let reply = ErrorReply::new(ErrorCode::Forbidden, &why);
+                return (format!("{} refused: {why}", verb(&request)), reply.into());
+            }
+        }
         match request {
             Request::Register { port, host } => {
-                let peer = match self.peer_addr(from, port, host) {
-                    Ok(peer) => peer,
-                    Err(reply) => {
-                        return (format!("REGISTER refused: {}", reply.message), reply.into())
-                    }
+                let (peer, auth) = match self.speaker(&request, auth, from, port, host) {
+                    Ok(speaker) => speaker,
+                    Err(refused) => return refused,
                 };
-                match self.register("REGISTER", peer, now) {
+                match self.register("REGISTER", peer, &auth, now) {
                     Ok(what) => (
                         format!("REGISTER {peer} {what}"),
                         Response::Registered { ttl_secs },
@@ -214,13 +273,11 @@ impl State {
                 }
             }
             Request::Announce { port, digest, host } => {
-                let peer = match self.peer_addr(from, port, host) {
-                    Ok(peer) => peer,
-                    Err(reply) => {
-                        return (format!("ANNOUNCE refused: {}", reply.message), reply.into())
-                    }
+                let (peer, auth) = match self.speaker(&request, auth, from, port, host) {
+                    Ok(speaker) => speaker,
+                    Err(refused) => return refused,
                 };
-                let what = match self.register("ANNOUNCE", peer, now) {
+                let what = match self.register("ANNOUNCE", peer, &auth, now) {
                     Ok(what) => what,
                     Err(refused) => return refused,
                 };
@@ -240,7 +297,8 @@ impl State {
                 }
             }
             Request::Offer { port, digest, host } => {
-                self.offer(port, digest, host, from, input, extend, now)
+                let speaker = self.speaker(&request, auth, from, port, host);
+                self.offer(speaker, digest, input, extend, now)
             }
             Request::Who { name } => {
                 bump(&self.stats.index_lookups);
@@ -260,28 +318,47 @@ impl State {
             }
             Request::Ls { pattern, after } => self.list(&pattern, after.as_ref()),
             Request::Unregister { port, host } => {
-                let peer = match self.peer_addr(from, port, host) {
-                    Ok(peer) => peer,
-                    Err(reply) => {
-                        return (
-                            format!("UNREGISTER refused: {}", reply.message),
-                            reply.into(),
-                        )
+                let (peer, auth) = match self.speaker(&request, auth, from, port, host) {
+                    Ok(speaker) => speaker,
+                    Err(refused) => return refused,
+                };
+                let was = match self.registry.unregister(&peer, auth.key, auth.ts, now) {
+                    Ok(true) => "removed",
+                    Ok(false) => "was not listed",
+                    Err(refusal) => {
+                        bump(&self.stats.forbidden);
+                        let why = match refusal {
+                            Refusal::Taken => format!("{peer} is listed for another key"),
+                            Refusal::Replayed => {
+                                "not newer than a request already accepted from this key (a replay?)"
+                                    .to_string()
+                            }
+                        };
+                        let reply = ErrorReply::new(ErrorCode::Forbidden, &why);
+                        return (format!("UNREGISTER {peer} refused: {why}"), reply.into());
                     }
                 };
                 bump(&self.stats.unregistrations);
                 self.index.remove(&peer);
-                let was = if self.registry.unregister(&peer) {
-                    "removed"
-                } else {
-                    "was not listed"
-                };
                 (format!("UNREGISTER {peer} {was}"), Response::Unregistered)
             }
             Request::Peers => {
                 bump(&self.stats.lookups);
-                let peers = self.registry.sample(self.max_peers_returned, now);
+                let peers: Vec<PeerAddr> = self
+                    .registry
+                    .sample(self.max_peers_returned, now)
+                    .into_iter()
+                    .map(|(addr, _)| addr)
+                    .collect();
                 (format!("PEERS -> {}", peers.len()), Response::Peers(peers))
+            }
+            Request::PeersLong => {
+                bump(&self.stats.lookups);
+                let peers = self.registry.sample(self.max_peers_returned, now);
+                (
+                    format!("PEERS LONG -> {}", peers.len()),
+                    Response::PeersLong(peers),
+                )
             }
             Request::Stats => ("STATS".to_string(), Response::Stats(self.stats(now))),
         }
@@ -289,20 +366,18 @@ impl State {
 
     /// OFFER: registers the peer, reads its list (each batch within the
     /// idle timeout) and indexes it.
-    #[allow(clippy::too_many_arguments)]
     fn offer(
         &self,
-        port: u16,
+        speaker: Result<(PeerAddr, Auth), (String, Response)>,
         digest: ListDigest,
-        host: Option<IpAddr>,
-        from: IpAddr,
         input: &mut dyn BufRead,
         extend: &dyn Fn(),
         now: Instant,
     ) -> (String, Response) {
-        let peer = match self.peer_addr(from, port, host) {
-            Ok(peer) => peer,
-            Err(reply) => return (format!("OFFER refused: {}", reply.message), reply.into()),
+        // Refused before its body is read: nothing of it is kept.
+        let (peer, auth) = match speaker {
+            Ok(speaker) => speaker,
+            Err(refused) => return refused,
         };
         let max = self.index.max_files_per_peer();
         let mut before_batch = || extend();
@@ -313,11 +388,11 @@ impl State {
                 return (format!("OFFER {peer} refused: {summary}"), reply);
             }
         };
-        if let Err(refused) = self.register("OFFER", peer, now) {
+        if let Err(refused) = self.register("OFFER", peer, &auth, now) {
             return refused;
         }
         bump(&self.stats.offers);
-        match self.index.replace(peer, digest, &files) {
+        match self.index.replace(peer, auth.key, digest, &files) {
             Ok(count) => (
                 format!("OFFER {peer}: {count} files indexed"),
                 Response::Indexed { files: count },
@@ -361,18 +436,6 @@ impl State {
         )
     }
 
-    /// The address a peer is stored under: the one its connection came
-    /// from, unless it names another (`--advertise`, for NAT).
-    fn peer_addr(
-        &self,
-        from: IpAddr,
-        port: u16,
-        host: Option<IpAddr>,
-    ) -> Result<PeerAddr, ErrorReply> {
-        let ip = host.unwrap_or(from.to_canonical());
-        PeerAddr::new(ip, port).map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))
-    }
-
     fn stats(&self, now: Instant) -> Vec<(String, u64)> {
         let s = &self.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -394,6 +457,7 @@ impl State {
                 self.connections.busy_rejections() + get(&s.registry_full) + limited_total,
             ),
             ("request_timeouts", get(&s.timeouts)),
+            ("forbidden", get(&s.forbidden)),
             ("offers", get(&s.offers)),
             ("index_lookups", get(&s.index_lookups)),
             ("holdings", holdings as u64),
@@ -407,6 +471,21 @@ impl State {
     }
 }
 
+/// A request's verb, for log lines.
+fn verb(request: &Request) -> &'static str {
+    match request {
+        Request::Register { .. } => "REGISTER",
+        Request::Unregister { .. } => "UNREGISTER",
+        Request::Announce { .. } => "ANNOUNCE",
+        Request::Offer { .. } => "OFFER",
+        Request::Peers | Request::PeersLong => "PEERS",
+        Request::Stats => "STATS",
+        Request::Who { .. } => "WHO",
+        Request::WhoHas { .. } => "WHOHAS",
+        Request::Ls { .. } => "LS",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,19 +493,61 @@ mod tests {
     use std::io::Cursor;
 
     fn relay() -> State {
-        let config = Config {
+        state(Config {
             max_registered: 3,
             max_peers_returned: 2,
             ..Config::default()
-        };
-        State::new(&config, Arc::default())
+        })
+    }
+
+    /// A relay on loopback, as the tests' requests come from loopback.
+    fn state(config: Config) -> State {
+        let trust = Trust::new(true, None, None, config.ttl, 100).unwrap();
+        State::new(&config, Arc::default(), trust)
     }
 
     const FROM: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 9));
 
+    /// The peer serving on `port` has a key of its own.
+    fn identity(port: u16) -> protocol::identity::Identity {
+        protocol::identity::Identity::from_seed(*blake3::hash(&port.to_le_bytes()).as_bytes())
+    }
+
+    /// Now, and later at every call, so that no request looks like a replay.
+    fn next_ts() -> u64 {
+        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        LAST.fetch_max(now, Ordering::SeqCst);
+        LAST.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// `line` signed by the key of the peer it speaks for, when it is a
+    /// request that must be signed and is not yet; otherwise as it is.
+    fn signed(line: &str) -> String {
+        let Ok((request, None)) = Request::parse_signed(line) else {
+            return line.to_string();
+        };
+        let port = match &request {
+            Request::Register { port, .. }
+            | Request::Unregister { port, .. }
+            | Request::Announce { port, .. }
+            | Request::Offer { port, .. } => *port,
+            _ => return line.to_string(),
+        };
+        let auth = identity(port).authorize(&request.canonical(), next_ts());
+        format!("{} {auth}", request.canonical())
+    }
+
     fn ask(relay: &State, line: &str) -> Response {
         let (_, response) = relay
-            .respond(&mut Cursor::new(format!("{line}\n")), FROM, &|| {})
+            .respond(
+                &mut Cursor::new(format!("{}\n", signed(line))),
+                FROM,
+                &|| {},
+            )
             .unwrap();
         response
     }
@@ -450,12 +571,103 @@ mod tests {
     }
 
     #[test]
-    fn an_advertised_host_replaces_the_source_address() {
+    fn an_advertised_address_is_listed_only_once_proven() {
+        use protocol::peer::{Request as PeerRequest, Response as PeerResponse};
+        use std::{io::BufRead as _, net::TcpListener};
         let relay = relay();
-        ask(&relay, "RP2P/1 REGISTER 7000 10.1.2.3");
+        // A peer at 127.0.0.2 that answers one PROVE, signing with its own
+        // port's key, or with the key of `impostor` when given.
+        let prover = |impostor: Option<u16>| {
+            let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let signer = identity(impostor.unwrap_or(port));
+            std::thread::spawn(move || {
+                if let Some(Ok(stream)) = listener.incoming().next() {
+                    let mut line = String::new();
+                    let _ = std::io::BufReader::new(&stream).read_line(&mut line);
+                    if let Ok(PeerRequest::Prove { nonce, addr }) =
+                        PeerRequest::parse(line.trim_end())
+                    {
+                        let message =
+                            protocol::identity::address_message(&nonce, &addr.to_string());
+                        let reply = PeerResponse::Proof {
+                            key: signer.key(),
+                            sig: signer.sign(&message),
+                        };
+                        let _ = reply.write_to(&mut &stream);
+                    }
+                }
+            });
+            port
+        };
+        let honest = prover(None);
+        assert_eq!(
+            ask(&relay, &format!("RP2P/1 REGISTER {honest} 127.0.0.2")),
+            Response::Registered { ttl_secs: 90 }
+        );
+        let impostor = prover(Some(1));
+        assert!(matches!(
+            ask(&relay, &format!("RP2P/1 REGISTER {impostor} 127.0.0.2")),
+            Response::Error(e) if e.code == ErrorCode::Forbidden && e.message.contains("another key answered")
+        ));
+        // Nothing listens at 127.0.0.3: no proof, not listed.
+        assert!(matches!(
+            ask(&relay, "RP2P/1 REGISTER 7000 127.0.0.3"),
+            Response::Error(e) if e.code == ErrorCode::Forbidden
+        ));
         assert_eq!(
             ask(&relay, "RP2P/1 PEERS"),
-            Response::Peers(vec!["10.1.2.3:7000".parse().unwrap()])
+            Response::Peers(vec![format!("127.0.0.2:{honest}").parse().unwrap()])
+        );
+    }
+
+    #[test]
+    fn nobody_speaks_for_another_key() {
+        let relay = relay();
+        assert_eq!(
+            ask(&relay, "RP2P/1 REGISTER 7000"),
+            Response::Registered { ttl_secs: 90 }
+        );
+        let stranger = identity(1);
+        for line in ["RP2P/1 UNREGISTER 7000", "RP2P/1 REGISTER 7000"] {
+            let request = Request::parse(line).unwrap();
+            let auth = stranger.authorize(&request.canonical(), next_ts());
+            let forged = format!("{} {auth}", request.canonical());
+            assert!(
+                matches!(ask(&relay, &forged), Response::Error(e) if e.code == ErrorCode::Forbidden),
+                "{line}"
+            );
+        }
+        // Unsigned, or signed over something else, or replayed: refused too.
+        let unsigned = relay
+            .respond(&mut Cursor::new("RP2P/1 UNREGISTER 7000\n"), FROM, &|| {})
+            .unwrap()
+            .1;
+        assert!(matches!(unsigned, Response::Error(e) if e.code == ErrorCode::Forbidden));
+        let me = identity(7000);
+        let auth = me.authorize("RP2P/1 REGISTER 7001", next_ts());
+        let moved_signature = format!("RP2P/1 UNREGISTER 7000 {auth}");
+        assert!(
+            matches!(ask(&relay, &moved_signature), Response::Error(e) if e.code == ErrorCode::Forbidden)
+        );
+        let register = signed("RP2P/1 REGISTER 7000");
+        assert_eq!(
+            ask(&relay, &register),
+            Response::Registered { ttl_secs: 90 }
+        );
+        assert!(
+            matches!(ask(&relay, &register), Response::Error(e) if e.message.contains("replay"))
+        );
+        let old = Request::parse("RP2P/1 REGISTER 7000").unwrap();
+        let stale = me.authorize(&old.canonical(), 1_000);
+        assert!(matches!(
+            ask(&relay, &format!("{} {stale}", old.canonical())),
+            Response::Error(e) if e.message.contains("clock")
+        ));
+        // Still listed, by its own key only.
+        assert_eq!(
+            ask(&relay, "RP2P/1 PEERS"),
+            Response::Peers(vec!["127.0.0.9:7000".parse().unwrap()])
         );
     }
 
@@ -510,22 +722,19 @@ mod tests {
 
     #[test]
     fn stats_count_each_refusal_of_the_fair_limits() {
-        let relay = State::new(
-            &Config {
-                limits: crate::SourceLimits {
-                    exempt_loopback: false,
-                    // Slow enough that no token comes back during the test.
-                    write_rate: 0.001,
-                    write_burst: 3,
-                    read_rate: 0.001,
-                    read_burst: 1,
-                    max_peers_per_ip: 1,
-                    ..crate::SourceLimits::default()
-                },
-                ..Config::default()
+        let relay = state(Config {
+            limits: crate::SourceLimits {
+                exempt_loopback: false,
+                // Slow enough that no token comes back during the test.
+                write_rate: 0.001,
+                write_burst: 3,
+                read_rate: 0.001,
+                read_burst: 1,
+                max_peers_per_ip: 1,
+                ..crate::SourceLimits::default()
             },
-            Arc::default(),
-        );
+            ..Config::default()
+        });
         assert_eq!(
             ask(&relay, "RP2P/1 REGISTER 1"),
             Response::Registered { ttl_secs: 90 }
@@ -550,7 +759,13 @@ mod tests {
         assert!(reads.retry_after().is_some(), "{reads:?}");
         // STATS is a lookup too, and the bucket is empty: ask past the limits.
         let Response::Stats(stats) = relay
-            .answer(Request::Stats, FROM, &mut Cursor::new(Vec::new()), &|| {})
+            .answer(
+                Request::Stats,
+                None,
+                FROM,
+                &mut Cursor::new(Vec::new()),
+                &|| {},
+            )
             .1
         else {
             panic!("no stats")
@@ -582,9 +797,12 @@ mod tests {
         )
     }
 
+    /// A request line (signed as `ask` signs it) and what follows it.
     fn raw(relay: &State, text: &str) -> Response {
+        let (line, rest) = text.split_once('\n').unwrap_or((text, ""));
+        let text = format!("{}\n{rest}", signed(line));
         relay
-            .respond(&mut Cursor::new(text.to_string()), FROM, &|| {})
+            .respond(&mut Cursor::new(text), FROM, &|| {})
             .unwrap()
             .1
     }
@@ -668,13 +886,10 @@ mod tests {
         };
         assert!(stats.contains(&("holdings".to_string(), 0)));
         // Over the per-peer cap.
-        let small = State::new(
-            &Config {
-                max_files_per_peer: 1,
-                ..Config::default()
-            },
-            Arc::default(),
-        );
+        let small = state(Config {
+            max_files_per_peer: 1,
+            ..Config::default()
+        });
         assert!(matches!(
             raw(&small, &offer_text(&files, digest)),
             Response::Error(e) if e.code == ErrorCode::BadRequest

@@ -183,6 +183,10 @@ fn peers_come_back_after_a_relay_restart() {
         "took {:?}",
         restarted.elapsed()
     );
+    // Its list follows its ANNOUNCE at once (the new relay asked for it).
+    eventually("the peer's files are indexed again", || {
+        stdout(&client(relay.addr, &["ls"], "")).contains("a.txt")
+    });
     let out = client(relay.addr, &["get", "a.txt"], "");
     assert_eq!(stdout(&out), "a\n", "{}", stderr(&out));
 }
@@ -280,14 +284,24 @@ fn answering(relay: SocketAddr, answer: impl Fn(&str) -> Vec<u8> + Send + 'stati
             let Ok(mut stream) = stream else { continue };
             let mut line = String::new();
             let _ = BufReader::new(&stream).read_line(&mut line);
-            let _ = stream.write_all(&answer(&line));
+            let reply = crate::harness::vouch(addr.port(), &line, answer(&line));
+            let _ = stream.write_all(&reply);
         }
     });
-    let reply = raw_exchange(
-        relay,
-        format!("RP2P/1 REGISTER {}\n", addr.port()).as_bytes(),
+    let register = protocol::relay::Request::Register {
+        port: addr.port(),
+        host: None,
+    };
+    let mut request = Vec::new();
+    register
+        .write_signed_to(&crate::harness::sign(addr.port(), &register), &mut request)
+        .unwrap();
+    let reply = raw_exchange(relay, &request);
+    assert!(
+        reply.starts_with(b"REGISTERED"),
+        "{}",
+        String::from_utf8_lossy(&reply)
     );
-    assert!(reply.starts_with(b"REGISTERED"));
     addr
 }
 
@@ -302,6 +316,7 @@ fn liar(relay: SocketAddr, reply: Vec<u8>, names: &[&str]) -> SocketAddr {
             let Ok(mut stream) = stream else { continue };
             let mut line = String::new();
             let _ = BufReader::new(&stream).read_line(&mut line);
+            let reply = crate::harness::vouch(addr.port(), &line, reply.clone());
             let _ = stream.write_all(&reply);
         }
     });
@@ -322,7 +337,15 @@ fn offer(relay: SocketAddr, port: u16, names: &[&str], size: u64, hash: blake3::
         })
         .collect();
     files.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut request = format!("RP2P/1 OFFER {port} {}\n", ListDigest::of(&files)).into_bytes();
+    let offer = protocol::relay::Request::Offer {
+        port,
+        digest: ListDigest::of(&files),
+        host: None,
+    };
+    let mut request = Vec::new();
+    offer
+        .write_signed_to(&crate::harness::sign(port, &offer), &mut request)
+        .unwrap();
     write_offer_body(&mut request, &files).unwrap();
     let reply = raw_exchange(relay, &request);
     assert!(
@@ -369,8 +392,28 @@ fn old_relay(peers: Vec<SocketAddr>) -> SocketAddr {
 }
 
 /// A relay of the test's own that names `holders` (address, size, hash)
-/// as the holders of whatever name it is asked for, in this order, every time.
-fn relay_listing(holders: Vec<(SocketAddr, u64, blake3::Hash)>) -> SocketAddr {
+/// as the holders of whatever name it is asked for, in this order, every
+/// time, with the keys `real` (a relay) knows them by, or those of fake
+/// peers.
+fn relay_listing(real: SocketAddr, holders: Vec<(SocketAddr, u64, blake3::Hash)>) -> SocketAddr {
+    let keys = crate::harness::keys(real);
+    let holders = holders
+        .into_iter()
+        .map(|(peer, size, hash)| {
+            let key = keys
+                .get(&peer)
+                .copied()
+                .unwrap_or_else(|| crate::harness::identity(peer.port()).key());
+            (peer, key, size, hash)
+        })
+        .collect();
+    relay_naming(holders)
+}
+
+/// `relay_listing`, with the key it names each holder by given.
+fn relay_naming(
+    holders: Vec<(SocketAddr, protocol::identity::PeerKey, u64, blake3::Hash)>,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
@@ -380,8 +423,11 @@ fn relay_listing(holders: Vec<(SocketAddr, u64, blake3::Hash)>) -> SocketAddr {
             let _ = BufReader::new(&stream).read_line(&mut line);
             let name = line.trim_end().rsplit(' ').next().unwrap_or("").to_string();
             let mut reply = format!("HOLDERS {}\n", holders.len());
-            for (peer, size, hash) in &holders {
-                reply.push_str(&format!("{peer} {size} {hash} {} {name}\n", holders.len()));
+            for (peer, key, size, hash) in &holders {
+                reply.push_str(&format!(
+                    "{peer} {key} {size} {hash} {} {name}\n",
+                    holders.len()
+                ));
             }
             let _ = stream.write_all(reply.as_bytes());
         }
@@ -399,7 +445,10 @@ fn corrupt_content_is_discarded_and_fetched_again_elsewhere() {
     });
     // The liar first, always.
     let (size, hash) = (content.len() as u64, blake3::hash(content));
-    let relay = relay_listing(vec![(liar, size, hash), (net.peers[0].addr, size, hash)]);
+    let relay = relay_listing(
+        net.relay.addr,
+        vec![(liar, size, hash), (net.peers[0].addr, size, hash)],
+    );
 
     let dest_dir = tempfile::tempdir().unwrap();
     let dest = dest_dir.path().join("f.txt");
@@ -560,6 +609,7 @@ fn stalling_peer(relay: SocketAddr, size: usize, sent: usize) -> SocketAddr {
                     // Header, proof and `sent` bytes of content.
                     reply.truncate(reply.len() - (size - sent));
                 }
+                let reply = crate::harness::vouch(addr.port(), &line, reply);
                 let _ = stream.write_all(&reply);
                 thread::sleep(Duration::from_secs(20));
             });
@@ -658,10 +708,13 @@ fn a_holder_that_deleted_the_file_since_is_skipped() {
     fs::remove_file(a.path().join("f.txt")).unwrap();
     // The index may still name a; a relay that names it first, always.
     let (size, hash) = (content.len() as u64, blake3::hash(content));
-    let relay = relay_listing(vec![
-        (net.peers[0].addr, size, hash),
-        (net.peers[1].addr, size, hash),
-    ]);
+    let relay = relay_listing(
+        net.relay.addr,
+        vec![
+            (net.peers[0].addr, size, hash),
+            (net.peers[1].addr, size, hash),
+        ],
+    );
     let out = client(relay, &["get", "f.txt"], "");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, content);
@@ -714,4 +767,43 @@ fn a_file_changed_on_a_peer_during_a_transfer_is_detected_never_mixed() {
     let out = net.client(&["get", "big.bin"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out.stdout == new);
+}
+
+#[test]
+fn a_peer_that_cannot_prove_the_key_the_relay_names_is_skipped() {
+    let content: &'static [u8] = b"the right bytes, from the wrong peer\n";
+    let (size, hash) = (content.len() as u64, blake3::hash(content));
+    let relay = Server::relay_here(|_| {});
+    // Serves the very content asked for, but signs with its own key,
+    // while the relay names another; and one that does not sign at all.
+    let impostor = answering(relay.addr, move |line| range_reply(content, line, |_| {}));
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let unsigned = silent.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in silent.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            let _ = stream.write_all(&range_reply(content, &line, |_| {}));
+        }
+    });
+    let named = crate::harness::identity(1).key();
+    let fake = relay_naming(vec![
+        (impostor, named, size, hash),
+        (unsigned, named, size, hash),
+    ]);
+    let out = client(fake, &["get", "f.txt"], "");
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("peer {impostor}: is not the peer the relay names")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "peer {unsigned}: did not prove it is the peer the relay names"
+        )),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
 }

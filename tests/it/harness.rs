@@ -57,7 +57,11 @@ impl Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("stderr.log");
         let mut command = Command::new(bin(bin_name));
-        command.args(args).env("RUST_LOG", "debug");
+        // Keys and other per-user data in the test's own folder, not the user's.
+        command
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .env("XDG_DATA_HOME", dir.path());
         for (key, value) in env {
             // An empty value removes the variable (RUST_LOG="" to see the flags work).
             if value.is_empty() {
@@ -315,7 +319,7 @@ impl Network {
             .iter()
             .map(|dir| Server::peer_here(relay.addr, dir, |_| {}))
             .collect();
-        Network::registered(relay, peers)
+        Network::registered(relay, peers, dirs)
     }
 
     /// Relay and peers as processes of the real binaries, for tests that
@@ -326,13 +330,15 @@ impl Network {
             .iter()
             .map(|dir| Server::peer(relay.addr, dir, &[]))
             .collect();
-        Network::registered(relay, peers)
+        Network::registered(relay, peers, dirs)
     }
 
-    fn registered(relay: Server, peers: Vec<Server>) -> Network {
-        let dirs = peers.len();
-        eventually("every peer is registered", || {
-            live_peers(relay.addr).len() == dirs
+    /// Once every peer is listed and every file of theirs is in the index
+    /// (a big file is announced once it is hashed).
+    fn registered(relay: Server, peers: Vec<Server>, dirs: &[&Path]) -> Network {
+        let files: u64 = dirs.iter().map(|dir| count_files(dir)).sum();
+        eventually("every peer is registered and its files indexed", || {
+            live_peers(relay.addr).len() == peers.len() && stat(relay.addr, "holdings") == files
         });
         Network { relay, peers }
     }
@@ -340,4 +346,92 @@ impl Network {
     pub fn client(&self, args: &[&str]) -> Output {
         client(self.relay.addr, args, "")
     }
+}
+
+/// A signature for `request` by the key of a fake peer serving on `port`,
+/// as a real peer signs what it tells the relay.
+pub fn sign(port: u16, request: &relay::Request) -> protocol::identity::Auth {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_millis() as u64;
+    LAST.fetch_max(now, Ordering::SeqCst);
+    let ts = LAST.fetch_add(1, Ordering::SeqCst) + 1;
+    identity(port).authorize(&request.canonical(), ts)
+}
+
+/// The key of the fake peer serving on `port`.
+pub fn identity(port: u16) -> protocol::identity::Identity {
+    protocol::identity::Identity::from_seed(*blake3::hash(&port.to_le_bytes()).as_bytes())
+}
+
+/// A fake peer's `reply` to `line`, signed as a real peer signs when the
+/// line is a `HEAD` with a nonce and the reply starts with its `FILE`
+/// header.
+pub fn vouch(port: u16, line: &str, reply: Vec<u8>) -> Vec<u8> {
+    use protocol::peer::{Request, Response};
+    let Ok(Request::Head {
+        name,
+        nonce: Some(nonce),
+    }) = Request::parse(line.trim_end())
+    else {
+        return reply;
+    };
+    let Ok(Response::File(header)) = Response::read_from(&mut &reply[..]) else {
+        return reply;
+    };
+    let me = identity(port);
+    let message =
+        protocol::identity::file_message(&nonce, &name.encode(), header.size, &header.hash);
+    let mut signed = Vec::new();
+    let _ = Response::Vouched {
+        header,
+        key: me.key(),
+        sig: me.sign(&message),
+    }
+    .write_to(&mut signed);
+    signed
+}
+
+/// The keys a relay knows its live peers by.
+pub fn keys(
+    relay: SocketAddr,
+) -> std::collections::HashMap<SocketAddr, protocol::identity::PeerKey> {
+    let reply = raw_exchange(relay, b"RP2P/1 PEERS LONG\n");
+    match relay::Response::read_from(&mut &reply[..]) {
+        Ok(relay::Response::PeersLong(peers)) => peers
+            .into_iter()
+            .map(|(addr, key)| (addr.socket_addr(), key))
+            .collect(),
+        other => panic!("no keys from the relay: {other:?}"),
+    }
+}
+
+/// Regular files under `dir`, as a peer serving it with the defaults would
+/// announce them (not those with several hard links).
+fn count_files(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| match (e.file_type(), e.metadata()) {
+                    (Ok(t), _) if t.is_dir() => count_files(&e.path()),
+                    (Ok(t), Ok(meta)) if t.is_file() && meta.nlink() == 1 => 1,
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// One of the relay's STATS counters.
+pub fn stat(relay: SocketAddr, name: &str) -> u64 {
+    let reply = raw_exchange(relay, b"RP2P/1 STATS\n");
+    String::from_utf8_lossy(&reply)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
 }

@@ -197,9 +197,19 @@ fn a_restarted_relay_has_the_index_back_within_a_heartbeat() {
     assert_eq!(stdout(&out), "kept\n");
 }
 
-/// An OFFER's raw bytes: header and body.
+/// An OFFER's raw bytes, signed by the fake peer at `port`: header and body.
 fn offer_bytes(port: u16, digest: &str, body: &str) -> Vec<u8> {
-    format!("RP2P/1 OFFER {port} {digest}\n{body}").into_bytes()
+    let offer = protocol::relay::Request::Offer {
+        port,
+        digest: digest.parse().unwrap(),
+        host: None,
+    };
+    let mut bytes = Vec::new();
+    offer
+        .write_signed_to(&crate::harness::sign(port, &offer), &mut bytes)
+        .unwrap();
+    bytes.extend_from_slice(body.as_bytes());
+    bytes
 }
 
 #[test]
@@ -226,6 +236,10 @@ fn hostile_announcements_are_answered_and_survived() {
     let good = digest_of(&["a", "b"]);
     for (what, request) in [
         ("garbage", b"RP2P/1 OFFER 7000 \xff\xfe\n".to_vec()),
+        (
+            "no signature",
+            format!("RP2P/1 OFFER 7000 {good}\nBATCH 1\n{}END\n", line("a")).into_bytes(),
+        ),
         (
             "a wrong digest",
             offer_bytes(
@@ -274,6 +288,7 @@ fn hostile_announcements_are_answered_and_survived() {
     assert_eq!(stdout(&out), "real\n");
     let out = client(relay.addr, &["stats"], "");
     assert!(stdout(&out).contains("bad_requests 7"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("forbidden 1"), "{}", stdout(&out));
 }
 
 /// Sends `request` whole, says it is done, and reads the answer.

@@ -11,9 +11,10 @@ use std::{
     time::Instant,
 };
 
+use protocol::relay::Request;
 use relay_server::SourceLimits;
 
-use crate::harness::{client, eventually, stderr, stdout, Server, STEP};
+use crate::harness::{client, eventually, sign, stderr, stdout, Server, STEP};
 
 const ATTACKER: [u8; 4] = [127, 0, 0, 2];
 const OTHER: [u8; 4] = [127, 0, 0, 3];
@@ -91,18 +92,25 @@ fn count(replies: &[String], prefix: &str) -> usize {
     replies.iter().filter(|r| r.starts_with(prefix)).count()
 }
 
-/// Fake peers at addresses of the attacker's choosing, as a flood sends them.
+/// `REGISTER <port>`, signed by a key of its own, as a real peer sends it.
+fn register(port: u16) -> String {
+    let request = Request::Register { port, host: None };
+    format!("{} {}", request.canonical(), sign(port, &request))
+}
+
+/// Fake peers, each with a key of its own (keys cost nothing), as a flood
+/// sends them.
 fn fake_registrations(n: u16) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            format!(
-                "RP2P/1 REGISTER {} 10.0.{}.{}",
-                1000 + i,
-                i / 200,
-                i % 200 + 1
-            )
-        })
-        .collect()
+    (0..n).map(|i| register(1000 + i)).collect()
+}
+
+/// Each distinct reply and how often it came, for failure messages.
+fn summary(replies: &[String]) -> std::collections::BTreeMap<&str, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for reply in replies {
+        *counts.entry(reply.as_str()).or_insert(0) += 1;
+    }
+    counts
 }
 
 #[test]
@@ -118,12 +126,12 @@ fn one_host_registering_fake_peers_cannot_crowd_out_another() {
         };
     });
     let replies = flood(ATTACKER, relay.addr, fake_registrations(300));
-    assert_eq!(count(&replies, "REGISTERED"), 40, "{replies:?}");
+    assert_eq!(count(&replies, "REGISTERED"), 40, "{:?}", summary(&replies));
     let refused = "ERR busy retry-after 90 too many peers registered from your address (limit 40)";
-    assert_eq!(count(&replies, refused), 260, "{replies:?}");
+    assert_eq!(count(&replies, refused), 260, "{:?}", summary(&replies));
     // Another host's peers all get in, and its lookups are answered.
     for port in 7000..7030 {
-        let reply = ask_from(OTHER, relay.addr, &format!("RP2P/1 REGISTER {port}"));
+        let reply = ask_from(OTHER, relay.addr, &register(port));
         assert!(reply.starts_with("REGISTERED"), "{port}: {reply:?}");
     }
     assert!(ask_from(OTHER, relay.addr, "RP2P/1 PEERS").starts_with("PEERS 50\n"));
@@ -157,11 +165,13 @@ fn one_host_asking_fast_gets_its_share_and_no_more() {
     let (registered, peers) = (count(&writes, "REGISTERED"), count(&reads, "PEERS"));
     assert!(
         (burst as usize..=share).contains(&registered),
-        "{registered} of {writes:?}"
+        "{registered} of {:?}",
+        summary(&writes)
     );
     assert!(
         (burst as usize..=share).contains(&peers),
-        "{peers} of {reads:?}"
+        "{peers} of {:?}",
+        summary(&reads)
     );
     let limited_writes = count(
         &writes,
@@ -171,11 +181,11 @@ fn one_host_asking_fast_gets_its_share_and_no_more() {
         &reads,
         "ERR busy retry-after 1 too many lookups from your address",
     );
-    assert_eq!(limited_writes + registered, 300, "{writes:?}");
-    assert_eq!(limited_reads + peers, 300, "{reads:?}");
+    assert_eq!(limited_writes + registered, 300, "{:?}", summary(&writes));
+    assert_eq!(limited_reads + peers, 300, "{:?}", summary(&reads));
     // Another host is served in full.
     for port in 7000..7020 {
-        let reply = ask_from(OTHER, relay.addr, &format!("RP2P/1 REGISTER {port}"));
+        let reply = ask_from(OTHER, relay.addr, &register(port));
         assert!(reply.starts_with("REGISTERED"), "{port}: {reply:?}");
     }
     for _ in 0..10 {
@@ -265,7 +275,7 @@ fn loopback_is_exempt_by_default() {
     });
     let held = hold_connections(relay.addr, 3);
     for port in 7000..7005 {
-        let reply = ask_from(ATTACKER, relay.addr, &format!("RP2P/1 REGISTER {port}"));
+        let reply = ask_from(ATTACKER, relay.addr, &register(port));
         assert!(reply.starts_with("REGISTERED"), "{reply:?}");
         let reply = ask_from(ATTACKER, relay.addr, "RP2P/1 PEERS");
         assert!(reply.starts_with("PEERS"), "{reply:?}");

@@ -5,6 +5,7 @@ mod cli;
 mod faults;
 mod harness;
 mod hostile;
+mod identity;
 mod index;
 mod limits;
 mod msrv;

@@ -174,15 +174,37 @@ fn with_no_peers_a_fetch_says_so() {
 }
 
 #[test]
-fn an_advertised_address_replaces_the_one_the_relay_sees() {
+fn an_advertised_address_is_listed_once_the_peer_there_proves_its_key() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Server::relay(&[]);
-    let peer = Server::peer(relay.addr, dir.path(), &["--advertise", "127.0.0.5"]);
+    let port = relay.port();
+    let path = dir.path().to_str().unwrap();
+    // Serves on 127.0.0.5, talks to the relay from 127.0.0.1.
+    let peer = Server::start(
+        "peer-node",
+        &[
+            "127.0.0.1",
+            &port,
+            "--dir",
+            path,
+            "--bind",
+            "127.0.0.5",
+            "--advertise",
+            "127.0.0.5",
+        ],
+    );
     eventually("the peer is listed", || !live_peers(relay.addr).is_empty());
     assert_eq!(
         live_peers(relay.addr)[0].to_string(),
         format!("127.0.0.5:{}", peer.addr.port())
     );
+    // One that names an address where it is not is never listed: nobody
+    // can make the relay send clients to a third party.
+    let liar = Server::peer(relay.addr, dir.path(), &["--advertise", "127.0.0.6"]);
+    eventually("the relay has refused it", || {
+        liar.log().contains("did not prove to hold this key")
+    });
+    assert_eq!(live_peers(relay.addr).len(), 1);
 }
 
 #[test]
