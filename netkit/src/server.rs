@@ -1,10 +1,12 @@
 //! A blocking TCP server: an accept loop that hands each connection to a
-//! capped pool of reused threads, answers `ERR busy` past the cap, and
-//! stops on its [`Shutdown`], letting connections in flight finish.
+//! capped pool of reused threads, answers `ERR busy` past the cap (and
+//! past a cap per source address), and stops on its [`Shutdown`], letting
+//! connections in flight finish.
 
 use std::{
+    collections::HashMap,
     io,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         mpsc, Arc, Mutex,
@@ -27,6 +29,13 @@ pub struct Limits {
     pub backlog: i32,
     /// Connections served at once; more are answered `ERR busy`.
     pub max_connections: usize,
+    /// Connections served at once from one source (see [`source_key`]);
+    /// more are answered `ERR busy retry-after 1`, so that one host
+    /// reconnecting in a loop cannot hold every slot. 0: no such cap.
+    pub max_per_ip: usize,
+    /// Loopback sources are not held to `max_per_ip`: one machine may run
+    /// a whole test network.
+    pub exempt_loopback: bool,
     /// How long an idle connection thread waits for the next connection
     /// before it exits.
     pub keep_idle: Duration,
@@ -41,6 +50,8 @@ impl Default for Limits {
         Limits {
             backlog: 4096,
             max_connections: 512,
+            max_per_ip: 0,
+            exempt_loopback: true,
             keep_idle: Duration::from_secs(10),
             stack_size: 256 << 10,
         }
@@ -105,6 +116,26 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> Result<(TcpListener, SocketAddr),
     Ok((listener, local))
 }
 
+/// The source that limits per address count under: an IPv4 address (also
+/// one mapped into IPv6) as it is, an IPv6 address by its /64, the block
+/// one host or one site is usually given; counting single IPv6 addresses
+/// would give such a host 2^64 shares.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    }
+}
+
+/// Whether limits per source leave `ip` alone: a loopback address, when
+/// loopback is exempt.
+pub fn is_exempt(ip: IpAddr, exempt_loopback: bool) -> bool {
+    exempt_loopback && ip.to_canonical().is_loopback()
+}
+
 /// Starts a named thread of a server (`what` names it in errors).
 pub fn spawn_thread<T: Send + 'static>(
     what: &'static str,
@@ -146,16 +177,39 @@ pub struct Connections {
     /// Connection threads waiting for work that no connection is promised to.
     idle: AtomicUsize,
     busy_rejections: AtomicU64,
+    /// Open connections per source held to a cap. A source is here only
+    /// while it has one open, so this holds at most `max_connections`.
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    per_source_rejections: AtomicU64,
 }
 
-/// One connection's place under the cap, given back when dropped, also
+/// One connection's place under the caps, given back when dropped, also
 /// when the handler panics.
-struct Slot(Arc<Connections>);
+struct Slot {
+    pool: Arc<Connections>,
+    /// The source whose count this connection is in, if it is held to one.
+    source: Option<IpAddr>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        if let Some(source) = self.source {
+            let mut per_source = self.pool.lock_per_source();
+            if let Some(n) = per_source.get_mut(&source) {
+                *n -= 1;
+                if *n == 0 {
+                    per_source.remove(&source);
+                }
+            }
+        }
+        self.pool.open.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Which cap a connection is over.
+enum Over {
+    All,
+    Source(IpAddr),
 }
 
 impl Connections {
@@ -164,18 +218,45 @@ impl Connections {
         self.open.load(Ordering::SeqCst)
     }
 
-    /// Connections answered `ERR busy` since start.
+    /// Connections answered `ERR busy` since start, over either cap.
     pub fn busy_rejections(&self) -> u64 {
         self.busy_rejections.load(Ordering::Relaxed)
     }
 
-    fn try_slot(self: &Arc<Self>, max: usize) -> Option<Slot> {
+    /// Connections answered `ERR busy` because their source had as many
+    /// open as it may.
+    pub fn per_source_rejections(&self) -> u64 {
+        self.per_source_rejections.load(Ordering::Relaxed)
+    }
+
+    fn lock_per_source(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        // Nothing panics while holding it; a poisoned map is still whole.
+        self.per_source.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for a connection from `from` under both caps.
+    fn try_slot(self: &Arc<Self>, limits: &Limits, from: IpAddr) -> Result<Slot, Over> {
         self.open
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < max).then_some(n + 1)
+                (n < limits.max_connections).then_some(n + 1)
             })
-            .ok()
-            .map(|_| Slot(Arc::clone(self)))
+            .map_err(|_| Over::All)?;
+        // From here on, dropping `slot` gives the place back.
+        let mut slot = Slot {
+            pool: Arc::clone(self),
+            source: None,
+        };
+        if limits.max_per_ip > 0 && !is_exempt(from, limits.exempt_loopback) {
+            let source = source_key(from);
+            let mut per_source = self.lock_per_source();
+            let n = per_source.get(&source).copied().unwrap_or(0);
+            if n >= limits.max_per_ip {
+                return Err(Over::Source(source));
+            }
+            per_source.insert(source, n + 1);
+            slot.source = Some(source);
+        }
+        Ok(slot)
     }
 
     /// Takes one idle thread's promise to serve the next connection sent.
@@ -291,10 +372,43 @@ fn accept_loop(
                 continue;
             }
         };
-        let Some(slot) = pool.try_slot(limits.max_connections) else {
-            pool.busy_rejections.fetch_add(1, Ordering::Relaxed);
-            reject_busy(stream, limits.max_connections);
-            continue;
+        let from = match stream.peer_addr() {
+            Ok(addr) => addr.ip(),
+            // Gone before it was served.
+            Err(_) => continue,
+        };
+        let slot = match pool.try_slot(limits, from) {
+            Ok(slot) => slot,
+            Err(over) => {
+                pool.busy_rejections.fetch_add(1, Ordering::Relaxed);
+                let (reply, why) = match over {
+                    Over::All => {
+                        let max = limits.max_connections;
+                        (
+                            ErrorReply::new(
+                                ErrorCode::Busy,
+                                format!("too many connections (limit {max})"),
+                            ),
+                            format!("limit {max}"),
+                        )
+                    }
+                    Over::Source(source) => {
+                        pool.per_source_rejections.fetch_add(1, Ordering::Relaxed);
+                        let max = limits.max_per_ip;
+                        // A slot from this source comes free as soon as
+                        // one of its requests is answered: a second is plenty.
+                        (
+                            ErrorReply::busy_retry_after(
+                                Duration::from_secs(1),
+                                format!("too many connections from your address (limit {max})"),
+                            ),
+                            format!("limit {max} from {source}"),
+                        )
+                    }
+                };
+                reject_busy(stream, &reply, &why);
+                continue;
+            }
         };
         if pool.claim_idle() {
             // The receiving end lives as long as the claimed thread.
@@ -386,17 +500,13 @@ pub fn describe_refusal(e: &ProtocolError) -> String {
     }
 }
 
-/// Over the connection cap: say so at once, rather than leave the caller
+/// Over a connection cap: say so at once, rather than leave the caller
 /// hanging; never waits on the caller (the accept loop must not stall).
-fn reject_busy(stream: TcpStream, max: usize) {
+fn reject_busy(stream: TcpStream, reply: &ErrorReply, why: &str) {
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let reply = ErrorReply::new(
-        ErrorCode::Busy,
-        format!("too many connections (limit {max})"),
-    );
     let _ = reply.write_to(&mut &stream);
     close_gently(&stream, Duration::ZERO);
-    warn!("busy: rejected a connection (limit {max})");
+    warn!("busy: rejected a connection ({why})");
 }
 
 #[cfg(test)]
@@ -410,15 +520,21 @@ mod tests {
     /// A server whose handler reports each connection that says `wait`,
     /// then waits for a word on `release` before answering `done`.
     fn server(max: usize) -> (Server, mpsc::Receiver<()>, Sender<()>) {
+        server_with(Limits {
+            max_connections: max,
+            ..Limits::default()
+        })
+    }
+
+    fn server_with(limits: Limits) -> (Server, mpsc::Receiver<()>, Sender<()>) {
         let (seen_tx, seen) = channel();
         let (release, release_rx) = channel::<()>();
         let (seen_tx, release_rx) = (Mutex::new(seen_tx), Mutex::new(release_rx));
         let listener = listen(([127, 0, 0, 1], 0).into(), 128).unwrap();
         let shutdown = Arc::new(Shutdown::new(listener.local_addr().unwrap()));
         let limits = Limits {
-            max_connections: max,
             keep_idle: Duration::from_millis(200),
-            ..Limits::default()
+            ..limits
         };
         let handler: Arc<Handler> = Arc::new(move |mut stream: TcpStream| {
             let mut line = String::new();
@@ -439,6 +555,22 @@ mod tests {
 
     fn waiting(addr: SocketAddr) -> TcpStream {
         let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(b"wait\n").unwrap();
+        stream
+    }
+
+    /// A connection to `addr` from the loopback address `from`, as if
+    /// from another host.
+    fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        socket.into()
+    }
+
+    fn waiting_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let mut stream = connect_from(from, addr);
         stream.write_all(b"wait\n").unwrap();
         stream
     }
@@ -575,11 +707,95 @@ mod tests {
     }
 
     #[test]
+    fn one_source_cannot_take_every_slot() {
+        let (server, seen, release) = server_with(Limits {
+            max_connections: 10,
+            max_per_ip: 2,
+            exempt_loopback: false,
+            ..Limits::default()
+        });
+        let addr = server.local_addr();
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                let c = waiting_from([127, 0, 0, 2], addr);
+                seen.recv_timeout(Duration::from_secs(10)).unwrap();
+                c
+            })
+            .collect();
+        let extra = connect_from([127, 0, 0, 2], addr);
+        assert_eq!(
+            first_line(&extra),
+            "ERR busy retry-after 1 too many connections from your address (limit 2)\n"
+        );
+        assert_eq!(server.connections().busy_rejections(), 1);
+        assert_eq!(server.connections().per_source_rejections(), 1);
+        // Another host is served meanwhile.
+        let other = waiting_from([127, 0, 0, 3], addr);
+        seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        for _ in 0..3 {
+            release.send(()).unwrap();
+        }
+        for c in held.iter().chain([&other]) {
+            assert_eq!(first_line(c), "done\n");
+        }
+        // The source's count comes back with its slots.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.connections().open() > 0 {
+            assert!(Instant::now() < deadline, "slots never came back");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(server.connections().lock_per_source().is_empty());
+        let again = waiting_from([127, 0, 0, 2], addr);
+        seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        release.send(()).unwrap();
+        assert_eq!(first_line(&again), "done\n");
+    }
+
+    #[test]
+    fn loopback_is_exempt_from_the_cap_per_source_unless_told() {
+        let (server, seen, release) = server_with(Limits {
+            max_connections: 10,
+            max_per_ip: 1,
+            ..Limits::default()
+        });
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                let c = waiting_from([127, 0, 0, 2], server.local_addr());
+                seen.recv_timeout(Duration::from_secs(10)).unwrap();
+                c
+            })
+            .collect();
+        assert_eq!(server.connections().per_source_rejections(), 0);
+        for _ in 0..3 {
+            release.send(()).unwrap();
+        }
+        for c in &held {
+            assert_eq!(first_line(c), "done\n");
+        }
+    }
+
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_64s() {
+        let key = |s: &str| source_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert!(is_exempt("::1".parse().unwrap(), true));
+        assert!(is_exempt("::ffff:127.0.0.5".parse().unwrap(), true));
+        assert!(!is_exempt("127.0.0.1".parse().unwrap(), false));
+        assert!(!is_exempt("192.0.2.7".parse().unwrap(), true));
+    }
+
+    #[test]
     fn a_panicking_handler_gives_its_slot_back() {
         let listener = listen(([127, 0, 0, 1], 0).into(), 128).unwrap();
         let shutdown = Arc::new(Shutdown::new(listener.local_addr().unwrap()));
         let limits = Limits {
             max_connections: 1,
+            max_per_ip: 1,
+            exempt_loopback: false,
             ..Limits::default()
         };
         let handler: Arc<Handler> = Arc::new(|stream: TcpStream| {
@@ -600,6 +816,7 @@ mod tests {
             assert!(Instant::now() < deadline, "slot never came back");
             thread::sleep(Duration::from_millis(5));
         }
+        assert!(server.connections().lock_per_source().is_empty());
         let mut c = TcpStream::connect(server.local_addr()).unwrap();
         c.write_all(b"hello\n").unwrap();
         assert_eq!(first_line(&c), "fine\n");

@@ -1,8 +1,8 @@
 //! Talking to the relay: who is live, and how is the relay doing.
 
 use std::{
-    fmt,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    fmt, thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use netkit::call::{self, CallError};
@@ -46,6 +46,12 @@ impl RelayError {
             CallError::Resolve(_) | CallError::Io { .. } => {
                 format!("cannot reach relay {}: {}", self.relay, self.source)
             }
+            CallError::Refused(e) if e.retry_after().is_some() => format!(
+                "relay {} is busy: {}; try again in {}s",
+                self.relay,
+                e.detail(),
+                e.retry_after().unwrap_or_default().as_secs()
+            ),
             _ => format!("relay {}: {}", self.relay, self.source),
         }
     }
@@ -141,7 +147,32 @@ impl Relay {
         }
     }
 
+    /// One request; a busy relay that says when to ask again is asked once
+    /// more then, if that is within the timeout.
     fn call(&self, request: Request) -> Result<Response, RelayError> {
+        let started = Instant::now();
+        let first = self.call_once(&request);
+        if let Err(RelayError {
+            source: CallError::Refused(e),
+            ..
+        }) = &first
+        {
+            if let Some(after) = e.retry_after() {
+                if started.elapsed() + after <= self.timeout {
+                    eprintln!(
+                        "relay {self} is busy: {}; asking again in {}s",
+                        e.detail(),
+                        after.as_secs()
+                    );
+                    thread::sleep(after);
+                    return self.call_once(&request);
+                }
+            }
+        }
+        first
+    }
+
+    fn call_once(&self, request: &Request) -> Result<Response, RelayError> {
         let reply = call::call(
             (self.host.as_str(), self.port),
             self.timeout,

@@ -30,6 +30,9 @@ use crate::serve::Peer;
 
 /// Longest wait between two attempts while the relay cannot be reached.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait a relay's `retry-after` is taken for: a relay gone wrong
+/// cannot silence the peer for longer.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 /// Longest a shutdown waits for the relay to take note.
 pub(crate) const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a change in the folder, how long to wait for more before
@@ -102,6 +105,16 @@ enum AnnounceError {
     ShuttingDown,
 }
 
+impl AnnounceError {
+    /// How long the relay asked to be left alone, if it did (busy).
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AnnounceError::Refused(e) => e.retry_after().map(|after| after.min(MAX_RETRY_AFTER)),
+            _ => None,
+        }
+    }
+}
+
 impl Announcer {
     pub(crate) fn new(
         relay: String,
@@ -131,6 +144,7 @@ impl Announcer {
     pub(crate) fn run(&self, shutdown: &Shutdown) {
         let mut backoff = Duration::from_secs(1);
         let mut registered = false;
+        let mut not_before = None;
         while !shutdown.is_triggered() {
             let wait = match self.announce(shutdown) {
                 Ok(ttl_secs) => {
@@ -150,13 +164,17 @@ impl Announcer {
                 }
                 Err(_) if shutdown.is_triggered() => break,
                 Err(why) => {
+                    // A busy relay that says when to come back is not
+                    // asked sooner: not by the backoff, nor on a change.
+                    let asked = why.retry_after();
+                    let wait = backoff.max(asked.unwrap_or_default());
+                    not_before = asked.map(|after| Instant::now() + after);
                     warn!(
                         "cannot register with relay {}: {why}; retrying in {}s",
                         self.relay,
-                        backoff.as_secs()
+                        wait.as_secs()
                     );
                     registered = false;
-                    let wait = backoff;
                     backoff = (backoff * 2)
                         .min(MAX_BACKOFF)
                         .min(self.heartbeat.max(Duration::from_secs(1)));
@@ -171,6 +189,16 @@ impl Announcer {
                     .wait(settled.saturating_duration_since(Instant::now()))
                 {}
                 debug!("the folder changed: announcing");
+            }
+            if let Some(until) = not_before.take() {
+                // A change woke it early: wait out the rest, unless stopping.
+                while !shutdown.is_triggered() {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    self.wake.wait(left);
+                }
             }
         }
         self.unregister();

@@ -46,6 +46,12 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Most connections served at once; more are answered `ERR busy`.
     pub max_connections: usize,
+    /// Most connections served at once from one address (an IPv6 /64
+    /// counts as one); more are answered `ERR busy retry-after 1`. 0: no cap.
+    pub max_connections_per_ip: usize,
+    /// Hold loopback addresses to `max_connections_per_ip` too (they are
+    /// exempt otherwise, so that one machine can run a whole test network).
+    pub limit_loopback: bool,
     /// How long a client may take to send its request, and one write may
     /// wait on a client that does not read; also bounds calls to the relay.
     pub timeout: Duration,
@@ -73,6 +79,8 @@ impl Config {
             advertise: None,
             heartbeat: Duration::from_secs(30),
             max_connections: 512,
+            max_connections_per_ip: 32,
+            limit_loopback: false,
             timeout: Duration::from_secs(10),
             grace: Duration::from_secs(5),
             allow_hardlinks: false,
@@ -144,6 +152,8 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         })?;
     let limits = Limits {
         max_connections: config.max_connections,
+        max_per_ip: config.max_connections_per_ip,
+        exempt_loopback: !config.limit_loopback,
         ..Limits::default()
     };
     let (listener, local) = netkit::server::bind(config.bind, limits.backlog)?;

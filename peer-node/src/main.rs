@@ -41,6 +41,13 @@ struct Args {
     /// Most connections served at once; more are answered `ERR busy`
     #[arg(long, env = "PEER_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_connections: u64,
+    /// Most connections served at once from one address (0: no limit)
+    #[arg(long, env = "PEER_MAX_CONNECTIONS_PER_IP", default_value_t = 32)]
+    max_connections_per_ip: usize,
+    /// Hold loopback addresses to --max-connections-per-ip too (they are
+    /// exempt otherwise, so that one machine can run a whole test network)
+    #[arg(long, env = "PEER_LIMIT_LOOPBACK", value_parser = FalseyValueParser::new())]
+    limit_loopback: bool,
     /// Seconds a connection may take to send its request, and a client may
     /// go without taking any of the file it asked for
     #[arg(long, env = "PEER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -89,6 +96,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         advertise,
         heartbeat: Duration::from_secs(args.heartbeat),
         max_connections: args.max_connections as usize,
+        max_connections_per_ip: args.max_connections_per_ip,
+        limit_loopback: args.limit_loopback,
         timeout: Duration::from_secs(args.timeout),
         grace: Duration::from_secs(5),
         allow_hardlinks: args.allow_hardlinks,

@@ -1,4 +1,4 @@
-use std::{fmt, io, str::FromStr};
+use std::{fmt, io, str::FromStr, time::Duration};
 
 /// Everything that can go wrong while reading or parsing a message.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +116,10 @@ pub(crate) fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// The word that starts the message of a `busy` reply that says when to
+/// ask again: `ERR busy retry-after <secs> <message>`.
+const RETRY_AFTER: &str = "retry-after";
+
 /// An `ERR <code> <message>` reply: the request failed and the connection ends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorReply {
@@ -135,6 +139,44 @@ impl ErrorReply {
             .trim()
             .to_string();
         ErrorReply { code, message }
+    }
+
+    /// `ERR busy retry-after <secs> <message>`: busy, and not worth asking
+    /// again before `after` (rounded up to whole seconds, at least 1).
+    pub fn busy_retry_after(after: Duration, message: impl fmt::Display) -> Self {
+        let secs = after
+            .as_secs()
+            .saturating_add(u64::from(after.subsec_nanos() > 0));
+        ErrorReply::new(
+            ErrorCode::Busy,
+            format!("{RETRY_AFTER} {} {message}", secs.max(1)),
+        )
+    }
+
+    /// How long a `busy` reply asks the caller to wait before asking
+    /// again, when its message starts with `retry-after <secs>`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.split_retry_after().map(|(after, _)| after)
+    }
+
+    /// The message without its `retry-after <secs>`, for people.
+    pub fn detail(&self) -> &str {
+        self.split_retry_after()
+            .map_or(self.message.as_str(), |(_, rest)| rest)
+    }
+
+    fn split_retry_after(&self) -> Option<(Duration, &str)> {
+        if self.code != ErrorCode::Busy {
+            return None;
+        }
+        let rest = self.message.strip_prefix(RETRY_AFTER)?.strip_prefix(' ')?;
+        let (secs, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+        // Digits only: `parse` would also take a leading `+`.
+        if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let secs: u64 = secs.parse().ok()?;
+        Some((Duration::from_secs(secs), rest))
     }
 
     /// Sends the reply line, in one write.
@@ -204,6 +246,41 @@ mod tests {
         for (e, code) in cases {
             assert_eq!(e.code(), code, "{e:?}");
             assert_eq!(ErrorReply::from(&e).code, code, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_written_and_read_back() {
+        let e = ErrorReply::busy_retry_after(Duration::from_millis(1500), "slow down");
+        assert_eq!(e.message, "retry-after 2 slow down");
+        let mut line = Vec::new();
+        e.encode(&mut line).unwrap();
+        assert_eq!(line, b"ERR busy retry-after 2 slow down\n");
+        let back = ErrorReply::parse("busy retry-after 2 slow down").unwrap();
+        assert_eq!(back.retry_after(), Some(Duration::from_secs(2)));
+        assert_eq!(back.detail(), "slow down");
+        // Less than a second still says 1: 0 would invite a busy loop.
+        let soon = ErrorReply::busy_retry_after(Duration::from_millis(10), "x");
+        assert_eq!(soon.retry_after(), Some(Duration::from_secs(1)));
+        let bare = ErrorReply::parse("busy retry-after 7").unwrap();
+        assert_eq!(bare.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(bare.detail(), "");
+    }
+
+    #[test]
+    fn only_a_busy_reply_that_starts_so_has_a_retry_after() {
+        for rest in [
+            "busy too many connections (limit 2)",
+            "busy retry-after",
+            "busy retry-after soon",
+            "busy retry-after +3 x",
+            "busy retry-after 99999999999999999999999 x",
+            "busy retry-after-3 x",
+            "internal retry-after 3 x",
+        ] {
+            let e = ErrorReply::parse(rest).unwrap();
+            assert_eq!(e.retry_after(), None, "{rest}");
+            assert_eq!(e.detail(), e.message, "{rest}");
         }
     }
 

@@ -19,11 +19,14 @@ pub enum BindError {
 }
 
 mod index;
+mod limits;
 mod registry;
 mod trust;
 
 pub use trust::AllowError;
 mod serve;
+
+pub use limits::SourceLimits;
 
 use std::{net::SocketAddr, sync::Arc, thread::JoinHandle, time::Duration};
 
@@ -54,6 +57,8 @@ pub struct Config {
     pub max_files_per_peer: usize,
     /// Most holdings (a file on a peer) in the index; offers beyond get `ERR busy`.
     pub max_holdings: usize,
+    /// What one source address may ask and hold.
+    pub limits: SourceLimits,
     /// `--allow-keys`: only the peers whose keys this file lists may
     /// register (re-read by [`Relay::reload_allowed_keys`], on SIGHUP).
     pub allow_keys: Option<std::path::PathBuf>,
@@ -74,6 +79,7 @@ impl Default for Config {
             grace: Duration::from_secs(5),
             max_files_per_peer: 10_000,
             max_holdings: 20_000_000,
+            limits: SourceLimits::default(),
             allow_keys: None,
             network_secret: None,
         }
@@ -93,6 +99,8 @@ pub struct Relay {
 pub fn bind(config: Config) -> Result<Relay, BindError> {
     let limits = Limits {
         max_connections: config.max_connections,
+        max_per_ip: config.limits.max_connections_per_ip,
+        exempt_loopback: config.limits.exempt_loopback,
         ..Limits::default()
     };
     let (listener, local) = netkit::server::bind(config.bind, limits.backlog)?;

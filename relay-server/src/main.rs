@@ -34,6 +34,29 @@ struct Args {
     /// Most holdings (one file on one peer) in the index; offers beyond are refused as busy
     #[arg(long, env = "RELAY_MAX_HOLDINGS", default_value_t = 20_000_000)]
     max_holdings: usize,
+    /// Registrations, announcements, offers and unregistrations one address
+    /// may send a second (0: no limit)
+    #[arg(long, env = "RELAY_WRITE_RATE", default_value_t = 20.0, value_parser = parse_rate)]
+    write_rate: f64,
+    /// How many of those one address may send at once after a quiet spell
+    #[arg(long, env = "RELAY_WRITE_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    write_burst: u32,
+    /// Lookups (PEERS, WHO, WHOHAS, LS, STATS) one address may send a second (0: no limit)
+    #[arg(long, env = "RELAY_READ_RATE", default_value_t = 100.0, value_parser = parse_rate)]
+    read_rate: f64,
+    /// How many of those one address may send at once after a quiet spell
+    #[arg(long, env = "RELAY_READ_BURST", default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..))]
+    read_burst: u32,
+    /// Most peers registered from one address (0: no limit)
+    #[arg(long, env = "RELAY_MAX_PEERS_PER_IP", default_value_t = 256)]
+    max_peers_per_ip: usize,
+    /// Most connections open at once from one address (0: no limit)
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    max_connections_per_ip: usize,
+    /// Hold loopback addresses to the limits per address too (they are
+    /// exempt otherwise, so that one machine can run a whole test network)
+    #[arg(long, env = "RELAY_LIMIT_LOOPBACK", value_parser = FalseyValueParser::new())]
+    limit_loopback: bool,
     /// Only peers whose keys this file lists (one hex key a line, `#`
     /// comments) may register; re-read on SIGHUP
     #[arg(long, env = "RELAY_ALLOW_KEYS", value_name = "FILE")]
@@ -79,6 +102,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         grace: Duration::from_secs(5),
         max_files_per_peer: args.max_files_per_peer as usize,
         max_holdings: args.max_holdings,
+        limits: relay_server::SourceLimits {
+            exempt_loopback: !args.limit_loopback,
+            write_rate: args.write_rate,
+            write_burst: args.write_burst,
+            read_rate: args.read_rate,
+            read_burst: args.read_burst,
+            max_peers_per_ip: args.max_peers_per_ip,
+            max_connections_per_ip: args.max_connections_per_ip,
+        },
         allow_keys: args.allow_keys.clone(),
         network_secret,
     })?;
@@ -98,4 +130,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             })?;
     }
     cli::serve_until_signal(relay).map_err(anyhow::Error::msg)
+}
+
+/// A rate a second: a number from 0 (no limit) to a million.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(rate) if (0.0..=1e6).contains(&rate) => Ok(rate),
+        _ => Err(format!("{s:?} is not a rate from 0 to 1000000")),
+    }
 }

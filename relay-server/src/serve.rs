@@ -21,6 +21,7 @@ use protocol::{
 
 use crate::{
     index::{Index, Refused},
+    limits::Limiter,
     registry::{Refusal, Registered, Registry},
     trust::{Trust, MAX_SKEW},
     Config,
@@ -39,6 +40,7 @@ pub(crate) struct State {
     started: Instant,
     connections: Arc<Connections>,
     stats: Stats,
+    limits: Limiter,
 }
 
 #[derive(Default)]
@@ -75,15 +77,18 @@ impl State {
             started: Instant::now(),
             connections,
             stats: Stats::default(),
+            limits: Limiter::new(config.limits.clone(), config.ttl, config.max_registered),
         }
     }
 
     /// Expires silent peers about once a second, until shutdown.
     pub(crate) fn sweep(&self, shutdown: &Shutdown) {
         while !shutdown.sleep(self.sweep_every) {
+            let now = Instant::now();
+            self.limits.expire(now);
             // Retired keys are remembered long enough that their old
             // requests fall outside the clock window before they are forgotten.
-            for peer in self.registry.expire(Instant::now(), MAX_SKEW * 2) {
+            for peer in self.registry.expire(now, MAX_SKEW * 2) {
                 self.index.remove(&peer);
                 bump(&self.stats.expired);
                 info!(
@@ -141,8 +146,13 @@ impl State {
         extend: &dyn Fn(),
     ) -> Option<(String, Response)> {
         match Request::read_signed_from(input) {
+            // The fair limits come first: a refused request costs no more,
+            // not even the check of its signature.
             Ok(Some((request, credential))) => {
-                Some(self.answer(request, credential, from, input, extend))
+                Some(match self.limits.check(from, &request, Instant::now()) {
+                    Ok(()) => self.answer(request, credential, from, input, extend),
+                    Err(refused) => (refused.summary, refused.reply.into()),
+                })
             }
             Ok(None) => None,
             Err(e) => Some(self.refuse(&e)),
@@ -434,6 +444,9 @@ impl State {
         let s = &self.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let (holdings, names) = self.index.counts();
+        let limited = self.limits.counters();
+        let limited_total: u64 = limited.iter().map(|(_, n)| n).sum();
+        let per_ip = self.connections.per_source_rejections();
         [
             ("peers_live", self.registry.len() as u64),
             ("uptime_secs", now.duration_since(self.started).as_secs()),
@@ -445,7 +458,7 @@ impl State {
             ("bad_requests", get(&s.bad_requests)),
             (
                 "busy_rejections",
-                self.connections.busy_rejections() + get(&s.registry_full),
+                self.connections.busy_rejections() + get(&s.registry_full) + limited_total,
             ),
             ("request_timeouts", get(&s.timeouts)),
             ("forbidden", get(&s.forbidden)),
@@ -455,6 +468,8 @@ impl State {
             ("names_indexed", names as u64),
         ]
         .into_iter()
+        .chain(limited)
+        .chain([("limited_connections_per_ip", per_ip)])
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
@@ -791,6 +806,65 @@ mod tests {
         assert_eq!(get("registrations"), Some(1));
         assert_eq!(get("lookups"), Some(1));
         assert_eq!(get("bad_requests"), Some(1));
+    }
+
+    #[test]
+    fn stats_count_each_refusal_of_the_fair_limits() {
+        let relay = state(Config {
+            limits: crate::SourceLimits {
+                exempt_loopback: false,
+                // Slow enough that no token comes back during the test.
+                write_rate: 0.001,
+                write_burst: 3,
+                read_rate: 0.001,
+                read_burst: 1,
+                max_peers_per_ip: 1,
+                ..crate::SourceLimits::default()
+            },
+            ..Config::default()
+        });
+        assert_eq!(
+            ask(&relay, "RP2P/1 REGISTER 1"),
+            Response::Registered { ttl_secs: 90 }
+        );
+        let Response::Error(over) = ask(&relay, "RP2P/1 REGISTER 2") else {
+            panic!("a second peer from one address was let in")
+        };
+        assert_eq!(over.retry_after(), Some(Duration::from_secs(90)));
+        assert_eq!(relay.registry.len(), 1);
+        ask(&relay, "RP2P/1 REGISTER 1");
+        let Response::Error(writes) = ask(&relay, "RP2P/1 REGISTER 1") else {
+            panic!("past the write burst")
+        };
+        assert!(
+            writes.detail().starts_with("too many registrations"),
+            "{writes:?}"
+        );
+        ask(&relay, "RP2P/1 PEERS");
+        let Response::Error(reads) = ask(&relay, "RP2P/1 PEERS") else {
+            panic!("past the read burst")
+        };
+        assert!(reads.retry_after().is_some(), "{reads:?}");
+        // STATS is a lookup too, and the bucket is empty: ask past the limits.
+        let Response::Stats(stats) = relay
+            .answer(
+                Request::Stats,
+                None,
+                FROM,
+                &mut Cursor::new(Vec::new()),
+                &|| {},
+            )
+            .1
+        else {
+            panic!("no stats")
+        };
+        let get = |k: &str| stats.iter().find(|(key, _)| key == k).map(|(_, v)| *v);
+        assert_eq!(get("limited_peers_per_ip"), Some(1));
+        assert_eq!(get("limited_writes"), Some(1));
+        assert_eq!(get("limited_reads"), Some(1));
+        assert_eq!(get("limited_connections_per_ip"), Some(0));
+        assert_eq!(get("busy_rejections"), Some(3));
+        assert_eq!(get("registrations"), Some(2));
     }
 
     fn holding(name: &str, content: &str) -> protocol::index::Holding {

@@ -7,6 +7,7 @@ mod harness;
 mod hostile;
 mod identity;
 mod index;
+mod limits;
 mod msrv;
 mod paths;
 mod phases;
