@@ -27,7 +27,7 @@ use std::{
 use anyhow::{bail, ensure, Context};
 use protocol::{
     index::{write_offer_body, Holding, ListDigest, MAX_BATCH},
-    peer,
+    peer::{self, proof},
     relay::Request,
     ErrorCode, ErrorReply, FileName,
 };
@@ -37,7 +37,7 @@ use crate::{
     procs::{self, Server},
     relay::{log_len, server_times, stat, stats},
     report::{median, mib, ms, percentile, secs, Row},
-    Setup,
+    sign, Setup,
 };
 
 /// The stride of the name map; prime.
@@ -60,6 +60,8 @@ const FIRST_PORT: usize = 10_000;
 /// Where the re-announcing peer comes from: apart from the others.
 const BIG_PEER: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 1);
 const BIG_PEER_PORT: u16 = 7000;
+/// Its key's number: apart from those of the simulated peers, 0, 1, ...
+const BIG_PEER_KEY: u64 = u64::MAX;
 const GET_LIMIT: Duration = Duration::from_secs(30);
 
 /// The names of the simulated network, each with its line of an OFFER
@@ -97,25 +99,19 @@ impl Catalog {
         Ok(catalog)
     }
 
-    /// The harness writes OFFERs from its own lines, for speed: check once
-    /// that they are what the protocol crate would send.
+    /// The harness writes OFFERs' bodies from its own lines, for speed:
+    /// check once that they are what the protocol crate would send.
     fn check(&self) -> anyhow::Result<()> {
         let js = self.names_of(1);
         let holdings = js
             .iter()
             .map(|&j| holding(j))
             .collect::<Result<Vec<_>, _>>()?;
-        let (digest, request) = offer(1, &self.lines_of(&js))?;
+        let (digest, body) = offer_body(&self.lines_of(&js))?;
         let mut expected = Vec::new();
-        Request::Offer {
-            port: 1,
-            digest: ListDigest::of(&holdings),
-            host: None,
-        }
-        .write_to(&mut expected)?;
         write_offer_body(&mut expected, &holdings)?;
         ensure!(
-            digest == ListDigest::of(&holdings) && request == expected,
+            digest == ListDigest::of(&holdings) && body == expected,
             "the harness's OFFER differs from the protocol crate's"
         );
         Ok(())
@@ -158,26 +154,37 @@ fn line(h: &Holding) -> Vec<u8> {
     format!("{} {} {}\n", h.size, h.hash, h.name.encode()).into_bytes()
 }
 
-/// A whole OFFER from `port` of the list `lines` (sorted by name), and the
+/// The body of an OFFER of the list `lines` (sorted by name), and the
 /// list's digest: BLAKE3 of the lines, cut to 16 bytes.
-fn offer(port: u16, lines: &[&[u8]]) -> anyhow::Result<(ListDigest, Vec<u8>)> {
+fn offer_body(lines: &[&[u8]]) -> anyhow::Result<(ListDigest, Vec<u8>)> {
     let mut hasher = blake3::Hasher::new();
     for l in lines {
         hasher.update(l);
     }
     let digest: ListDigest = hasher.finalize().to_hex()[..32].parse()?;
-    let mut request = Vec::with_capacity(lines.len() * 90 + 100);
-    Request::Offer {
+    let mut body = Vec::with_capacity(lines.len() * 90 + 100);
+    for batch in lines.chunks(MAX_BATCH) {
+        writeln!(body, "BATCH {}", batch.len())?;
+        batch.iter().for_each(|l| body.extend_from_slice(l));
+    }
+    body.extend_from_slice(b"END\n");
+    Ok((digest, body))
+}
+
+/// A whole OFFER from `port` of the list `lines`, signed by `peer` now,
+/// and the list's digest.
+fn offer(
+    peer: &mut sign::Peer,
+    port: u16,
+    lines: &[&[u8]],
+) -> anyhow::Result<(ListDigest, Vec<u8>)> {
+    let (digest, body) = offer_body(lines)?;
+    let mut request = peer.sign(&Request::Offer {
         port,
         digest,
         host: None,
-    }
-    .write_to(&mut request)?;
-    for batch in lines.chunks(MAX_BATCH) {
-        writeln!(request, "BATCH {}", batch.len())?;
-        batch.iter().for_each(|l| request.extend_from_slice(l));
-    }
-    request.extend_from_slice(b"END\n");
+    });
+    request.extend_from_slice(&body);
     Ok((digest, request))
 }
 
@@ -227,7 +234,8 @@ pub fn rare_file(
             // "rare.bin" sorts after every "f..." name.
             lines.push(&rare_line);
         }
-        let (_, request) = offer(listener.local_addr()?.port(), &lines)?;
+        let port = listener.local_addr()?.port();
+        let (_, request) = offer(&mut sign::Peer::new(i as u64), port, &lines)?;
         load::exchange(relay.addr, &request, &mut buf)
             .with_context(|| format!("peer {i} could not offer its list"))?;
         let expect = format!("INDEXED {}\n", lines.len());
@@ -296,9 +304,10 @@ pub fn rare_file(
         .filter(|l| l.contains(&format!("{who}1:")))
         .count();
 
+    let problem = first_problem.map_or(String::new(), |p| format!("; first failure: {p}"));
+    ensure!(!times.is_empty(), "no get of {RARE} succeeded{problem}");
     let (ours, base) = (median(&secs(&times)), median(&secs(&base_times)));
     let d = Duration::from_secs_f64;
-    let problem = first_problem.map_or(String::new(), |p| format!("; first failure: {p}"));
     Ok(vec![
         Row::new(
             format!(
@@ -306,7 +315,7 @@ pub fn rare_file(
             ),
             format!(
                 "{found}/{gets} found; WHO named the one holder {named_one}/{asked}; \
-                 holder served {served} GETs, the other {} peers got {strays} connections{problem}",
+                 holder answered {served} requests (HEAD, RANGE), the other {} peers got {strays} connections{problem}",
                 peers - 1
             ),
         )
@@ -334,6 +343,8 @@ struct FakePeer {
 impl FakePeer {
     fn start(listener: TcpListener, file: Holding, content: Vec<u8>) -> anyhow::Result<FakePeer> {
         let addr = listener.local_addr()?;
+        // The BLAKE3 tree that RANGE's proofs come from, as a peer keeps it.
+        let outboard = proof::outboard(&content[..], file.size)?;
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicU64::new(0));
         let thread = {
@@ -344,7 +355,7 @@ impl FakePeer {
                         break;
                     }
                     if let Ok(stream) = stream {
-                        if serve(&stream, &file, &content).unwrap_or(false) {
+                        if serve(&stream, &file, &content, &outboard).unwrap_or(false) {
                             served.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -359,7 +370,7 @@ impl FakePeer {
         })
     }
 
-    /// Stops serving; returns how many GETs were served.
+    /// Stops serving; returns how many requests it answered.
     fn stop(mut self) -> u64 {
         self.end();
         self.served.load(Ordering::Relaxed)
@@ -381,23 +392,56 @@ impl Drop for FakePeer {
     }
 }
 
-/// Answers one GET of `file` as a peer does; anything else is not found.
-fn serve(stream: &TcpStream, file: &Holding, content: &[u8]) -> io::Result<bool> {
+/// Answers one HEAD, RANGE (with its proof) or GET of `file` as a peer
+/// does; anything else is not found. True when it was answered.
+fn serve(
+    stream: &TcpStream,
+    file: &Holding,
+    content: &[u8],
+    outboard: &proof::Outboard,
+) -> io::Result<bool> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let request = peer::Request::read_from(&mut BufReader::new(stream));
     let mut out = stream;
-    if let Ok(Some(peer::Request::Get { name, offset })) = request {
-        let rest = usize::try_from(offset).ok().and_then(|o| content.get(o..));
-        if let (true, Some(rest)) = (name == file.name, rest) {
-            peer::Response::File(peer::FileHeader {
-                size: file.size,
-                hash: file.hash,
-            })
-            .write_to(&mut out)?;
-            out.write_all(rest)?;
+    let header = peer::Response::File(peer::FileHeader {
+        size: file.size,
+        hash: file.hash,
+    });
+    match request {
+        Ok(Some(peer::Request::Head { name })) if name == file.name => {
+            header.write_to(&mut out)?;
             return Ok(true);
         }
+        Ok(Some(peer::Request::Get { name, offset })) if name == file.name => {
+            if let Some(rest) = usize::try_from(offset).ok().and_then(|o| content.get(o..)) {
+                header.write_to(&mut out)?;
+                out.write_all(rest)?;
+                return Ok(true);
+            }
+        }
+        Ok(Some(peer::Request::Range {
+            name,
+            hash,
+            start,
+            end,
+        })) if name == file.name
+            && hash == file.hash
+            && proof::check_range(file.size, start, end).is_ok() =>
+        {
+            let mut head = Vec::new();
+            peer::Response::Range(peer::RangeHeader {
+                size: file.size,
+                hash: file.hash,
+                proof: proof::proof_len(file.size, start, end),
+            })
+            .write_to(&mut head)?;
+            proof::encode_proof(outboard, start, end, &mut head)?;
+            out.write_all(&head)?;
+            out.write_all(&content[start as usize..end as usize])?;
+            return Ok(true);
+        }
+        _ => {}
     }
     let reply = ErrorReply::new(ErrorCode::NotFound, "not held here");
     peer::Response::Error(reply).write_to(&mut out)?;
@@ -589,7 +633,12 @@ fn load_peers(relay: SocketAddr, catalog: &Catalog, peers: usize) -> anyhow::Res
                             break;
                         }
                         let (ip, port) = peer_addr(i);
-                        let (_, request) = offer(port, &catalog.lines_of(&catalog.names_of(i)))?;
+                        // Signed just before it is sent, as a peer does.
+                        let (_, request) = offer(
+                            &mut sign::Peer::new(i as u64),
+                            port,
+                            &catalog.lines_of(&catalog.names_of(i)),
+                        )?;
                         let started = Instant::now();
                         let result = load::exchange_from(ip, relay, &request, &mut buf);
                         load.record(started, result, &buf, expect);
@@ -646,20 +695,29 @@ fn heartbeats(relay: &Server, catalog: &Catalog, peers: usize) -> anyhow::Result
     let before = log_len(&relay.log);
     let (mut register_rtt, mut announce_rtt) = (Vec::new(), Vec::new());
     let mut buf = Vec::new();
+    // Keys picked twice keep their last time.
+    let mut signers = std::collections::HashMap::new();
     for n in 0..SEQUENTIAL / 2 {
         let i = fastrand::usize(..peers);
         let (ip, port) = peer_addr(i);
-        let (digest, _) = offer(port, &catalog.lines_of(&catalog.names_of(i)))?;
-        let register = encode(&Request::Register { port, host: None });
-        let announce = encode(&Request::Announce {
-            port,
-            digest,
-            host: None,
-        });
+        let (digest, _) = offer_body(&catalog.lines_of(&catalog.names_of(i)))?;
+        let signer = signers
+            .entry(i)
+            .or_insert_with(|| sign::Peer::new(i as u64));
         for first in [n % 2 == 0, n % 2 == 1] {
-            let request = if first { &register } else { &announce };
+            // Signed just before it is sent, so that its time is later
+            // than the other's.
+            let request = if first {
+                signer.sign(&Request::Register { port, host: None })
+            } else {
+                signer.sign(&Request::Announce {
+                    port,
+                    digest,
+                    host: None,
+                })
+            };
             let t0 = Instant::now();
-            load::exchange_from(ip, relay.addr, request, &mut buf)?;
+            load::exchange_from(ip, relay.addr, &request, &mut buf)?;
             let took = t0.elapsed();
             ensure!(
                 buf.starts_with(b"REGISTERED "),
@@ -689,10 +747,22 @@ fn heartbeats(relay: &Server, catalog: &Catalog, peers: usize) -> anyhow::Result
 /// OFFER, as a peer does. Two lists alternate; the peer leaves after.
 fn reannounce(relay: &Server, catalog: &Catalog) -> anyhow::Result<Vec<Duration>> {
     let lists: Vec<Vec<usize>> = vec![(0..BIG_LIST).collect(), (1..=BIG_LIST).collect()];
-    let offers = lists
+    // The bodies are built once; each request line is signed as it is sent.
+    let bodies = lists
         .iter()
-        .map(|js| offer(BIG_PEER_PORT, &catalog.lines_of(js)))
+        .map(|js| offer_body(&catalog.lines_of(js)))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut peer = sign::Peer::new(BIG_PEER_KEY);
+    let offer = |peer: &mut sign::Peer, n: usize| {
+        let (digest, body) = &bodies[n % 2];
+        let mut request = peer.sign(&Request::Offer {
+            port: BIG_PEER_PORT,
+            digest: *digest,
+            host: None,
+        });
+        request.extend_from_slice(body);
+        request
+    };
     let ip = IpAddr::V4(BIG_PEER);
     let indexed = format!("INDEXED {BIG_LIST}\n");
     let mut buf = Vec::new();
@@ -706,19 +776,18 @@ fn reannounce(relay: &Server, catalog: &Catalog) -> anyhow::Result<Vec<Duration>
         Ok(())
     };
     // The first list is new to the relay; only the changes after it count.
-    send(&offers[1].1, &indexed)?;
+    send(&offer(&mut peer, 1), &indexed)?;
     // Its log line lands after the reply.
     thread::sleep(Duration::from_millis(100));
     let before = log_len(&relay.log);
     for n in 0..REANNOUNCES {
-        let (digest, request) = &offers[n % 2];
-        let announce = encode(&Request::Announce {
+        let announce = peer.sign(&Request::Announce {
             port: BIG_PEER_PORT,
-            digest: *digest,
+            digest: bodies[n % 2].0,
             host: None,
         });
         send(&announce, "SEND-LIST ")?;
-        send(request, &indexed)?;
+        send(&offer(&mut peer, n), &indexed)?;
     }
     thread::sleep(Duration::from_millis(100));
     let me = format!("{BIG_PEER}:{BIG_PEER_PORT}");
@@ -734,13 +803,11 @@ fn reannounce(relay: &Server, catalog: &Catalog) -> anyhow::Result<Vec<Duration>
         announces.len(),
         offers.len()
     );
-    send(
-        &encode(&Request::Unregister {
-            port: BIG_PEER_PORT,
-            host: None,
-        }),
-        "UNREGISTERED",
-    )?;
+    let unregister = peer.sign(&Request::Unregister {
+        port: BIG_PEER_PORT,
+        host: None,
+    });
+    send(&unregister, "UNREGISTERED")?;
     Ok(announces
         .iter()
         .zip(&offers)

@@ -143,34 +143,33 @@ pub fn hammer(
     total
 }
 
-/// `peers` simulated peers, one thread each, all starting at the same
-/// instant: each sends `request(i)` and then repeats it (a heartbeat) every
-/// `interval`, `rounds` times in all. Latencies count from when each round
-/// was due, so a herd that queues shows up in them.
+/// Simulated peers, one thread each, all starting at the same instant:
+/// peer `i` connects from `source(i)` and sends `lines[i][0]`, then the
+/// next of its lines (a heartbeat) every `interval`. Latencies count from
+/// when each round was due, so a herd that queues shows up in them.
 pub fn herd(
     addr: SocketAddr,
-    peers: usize,
-    rounds: u32,
+    lines: Vec<Vec<Vec<u8>>>,
+    source: fn(usize) -> IpAddr,
     interval: Duration,
-    request: fn(usize) -> String,
     expect: &str,
 ) -> anyhow::Result<Load> {
+    let peers = lines.len();
     // A common start time rather than a barrier: time enough to start every
     // thread, and nothing to untangle if starting one fails.
     let t0 = Instant::now() + Duration::from_secs(2);
     let mut workers = Vec::with_capacity(peers);
-    for i in 0..peers {
+    for (i, rounds) in lines.into_iter().enumerate() {
         let expect = expect.to_string();
         let worker = thread::Builder::new()
             .stack_size(64 * 1024)
             .spawn(move || {
-                let line = request(i);
                 let mut load = Load::default();
                 let mut buf = Vec::new();
-                for round in 0..rounds {
+                for (round, line) in (0..).zip(&rounds) {
                     let due = t0 + interval * round;
                     thread::sleep(due.saturating_duration_since(Instant::now()));
-                    let result = exchange(addr, line.as_bytes(), &mut buf);
+                    let result = exchange_from(source(i), addr, line, &mut buf);
                     load.record(due, result, &buf, &expect);
                 }
                 load

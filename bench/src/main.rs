@@ -9,6 +9,7 @@ mod load;
 mod procs;
 mod relay;
 mod report;
+mod sign;
 mod small;
 mod transfer;
 
@@ -75,6 +76,11 @@ struct Args {
     /// Use the binaries already built in this folder instead of building
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// A relay-server built from before the relay wanted signatures (commit
+    /// 425e74b): lookups and registrations are then also measured on it, in
+    /// the same run, with unsigned requests
+    #[arg(long)]
+    relay_before_signing: Option<PathBuf>,
     /// Where the test files go (a temporary folder inside it, removed after)
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -89,6 +95,7 @@ enum Figure {
     Registry,
     Rare,
     Index,
+    Signing,
 }
 
 /// What every figure needs: the binaries, a work folder, and a relay with
@@ -99,6 +106,7 @@ pub struct Setup {
     served: PathBuf,
     relay: Server,
     peer: Server,
+    relay_before_signing: Option<PathBuf>,
 }
 
 impl Setup {
@@ -120,6 +128,15 @@ impl Setup {
             &args,
             self.work.join(format!("relay-{name}.log")),
         )
+    }
+
+    /// The relay from before signing, when given, as `start_relay` starts ours.
+    fn start_relay_before_signing(&self, name: &str) -> anyhow::Result<Option<Server>> {
+        let Some(bin) = &self.relay_before_signing else {
+            return Ok(None);
+        };
+        let log = self.work.join(format!("relay-before-signing-{name}.log"));
+        Server::start(bin, &["0", "--bind", "127.0.0.1"], log).map(Some)
     }
 }
 
@@ -187,6 +204,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         served,
         relay,
         peer,
+        relay_before_signing: args.relay_before_signing.clone(),
     };
     wait_registered(&setup)?;
 
@@ -197,6 +215,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     if wants(Figure::Small) {
         rows.extend(small::run(&setup, args.small_runs)?);
     }
+    let costs = if wants(Figure::Signing) || wants(Figure::Registry) {
+        eprintln!("signing: Ed25519 on one core");
+        let costs = sign::costs(Duration::from_secs(1));
+        if wants(Figure::Signing) {
+            rows.extend(sign::rows(&costs));
+        }
+        Some(costs)
+    } else {
+        None
+    };
     let mut small_registry_times = Vec::new();
     if wants(Figure::Lookups) || wants(Figure::Registry) {
         let lookups = relay::lookups(&setup, args.clients, args.lookup_secs, args.lookup_rounds)?;
@@ -208,13 +236,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     if wants(Figure::Registration) {
         rows.extend(relay::registration(&setup, args.herd, 3)?);
     }
-    if wants(Figure::Registry) {
+    if let (true, Some(costs)) = (wants(Figure::Registry), &costs) {
         rows.extend(relay::big_registry(
             &setup,
             args.registry,
             args.clients,
             args.lookup_secs,
             &small_registry_times,
+            costs,
         )?);
     }
 

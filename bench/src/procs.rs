@@ -160,7 +160,16 @@ pub fn vm_kib(pid: u32, field: &str) -> Option<u64> {
 /// CPU time (user + system) a process has used so far, in seconds, from
 /// /proc/PID/stat (in clock ticks, 100 a second on Linux).
 pub fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_secs(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time the calling thread has used so far, in seconds.
+pub fn thread_cpu_secs() -> Option<f64> {
+    stat_cpu_secs("/proc/thread-self/stat")
+}
+
+fn stat_cpu_secs(path: &str) -> Option<f64> {
+    let stat = fs::read_to_string(path).ok()?;
     // The command name may hold spaces: count fields after its ')'.
     let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
     let user: u64 = fields.next()?.parse().ok()?;
