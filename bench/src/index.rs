@@ -245,7 +245,12 @@ pub fn rare_file(
             String::from_utf8_lossy(&buf)
         );
     }
-    let serving = FakePeer::start(listeners.remove(holder), rare.clone(), content.clone())?;
+    let serving = FakePeer::start(
+        listeners.remove(holder),
+        rare.clone(),
+        content.clone(),
+        sign::identity(holder as u64),
+    )?;
 
     eprintln!("rare file: {gets} real `peer-client get {RARE}`, each next to a get of small.txt");
     let client = setup.bin("peer-client");
@@ -341,7 +346,12 @@ struct FakePeer {
 }
 
 impl FakePeer {
-    fn start(listener: TcpListener, file: Holding, content: Vec<u8>) -> anyhow::Result<FakePeer> {
+    fn start(
+        listener: TcpListener,
+        file: Holding,
+        content: Vec<u8>,
+        identity: protocol::identity::Identity,
+    ) -> anyhow::Result<FakePeer> {
         let addr = listener.local_addr()?;
         // The BLAKE3 tree that RANGE's proofs come from, as a peer keeps it.
         let outboard = proof::outboard(&content[..], file.size)?;
@@ -355,7 +365,7 @@ impl FakePeer {
                         break;
                     }
                     if let Ok(stream) = stream {
-                        if serve(&stream, &file, &content, &outboard).unwrap_or(false) {
+                        if serve(&stream, &file, &content, &outboard, &identity).unwrap_or(false) {
                             served.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -399,6 +409,7 @@ fn serve(
     file: &Holding,
     content: &[u8],
     outboard: &proof::Outboard,
+    identity: &protocol::identity::Identity,
 ) -> io::Result<bool> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
@@ -409,8 +420,26 @@ fn serve(
         hash: file.hash,
     });
     match request {
-        Ok(Some(peer::Request::Head { name })) if name == file.name => {
-            header.write_to(&mut out)?;
+        Ok(Some(peer::Request::Head { name, nonce })) if name == file.name => {
+            // With a nonce, proved by the key the relay knows this peer by,
+            // as a real peer does.
+            match nonce {
+                Some(nonce) => peer::Response::Vouched {
+                    header: peer::FileHeader {
+                        size: file.size,
+                        hash: file.hash,
+                    },
+                    key: identity.key(),
+                    sig: identity.sign(&protocol::identity::file_message(
+                        &nonce,
+                        &name.encode(),
+                        file.size,
+                        &file.hash,
+                    )),
+                }
+                .write_to(&mut out)?,
+                None => header.write_to(&mut out)?,
+            }
             return Ok(true);
         }
         Ok(Some(peer::Request::Get { name, offset })) if name == file.name => {

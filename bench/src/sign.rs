@@ -196,7 +196,8 @@ mod tests {
             let line = String::from_utf8(line.to_vec()).unwrap();
             Request::parse_signed(line.trim_end()).unwrap()
         };
-        let ((ra, Some(aa)), (_, Some(ab))) = (parse(&a), parse(&b)) else {
+        use protocol::relay::Credential::Signed;
+        let ((ra, Some(Signed(aa))), (_, Some(Signed(ab)))) = (parse(&a), parse(&b)) else {
             panic!("unsigned")
         };
         assert_eq!(ra, request);
@@ -215,7 +216,10 @@ mod tests {
         assert_eq!(lines.len(), 3);
         let ts = |line: &[u8]| {
             let line = String::from_utf8(line.to_vec()).unwrap();
-            Request::parse_signed(line.trim_end()).unwrap().1.unwrap()
+            match Request::parse_signed(line.trim_end()).unwrap().1 {
+                Some(protocol::relay::Credential::Signed(auth)) => auth,
+                other => panic!("not signed: {other:?}"),
+            }
         };
         for (i, rounds) in lines.iter().enumerate() {
             let (a, b) = (ts(&rounds[0]), ts(&rounds[1]));
