@@ -317,6 +317,34 @@ mod tests {
     }
 
     #[test]
+    fn a_retired_key_is_remembered_for_the_retention_then_forgotten() {
+        let reg = Registry::new(TTL, 10);
+        let t0 = Instant::now();
+        reg.register(peer(1), key(1), 10, t0);
+        assert_eq!(reg.unregister(&peer(1), key(1), 11, t0), Ok(true));
+        // Within the retention, its old times are still refused.
+        reg.expire(t0 + KEEP - Duration::from_secs(1), KEEP);
+        assert_eq!(reg.register(peer(1), key(1), 11, t0), Registered::Replayed);
+        // After it (when such times are outside any clock window anyway),
+        // the key is forgotten: the memory is bounded by time.
+        reg.expire(t0 + KEEP + Duration::from_secs(1), KEEP);
+        assert_eq!(reg.register(peer(1), key(1), 5, t0), Registered::New);
+    }
+
+    #[test]
+    fn the_memory_of_retired_keys_is_bounded() {
+        let reg = Registry::new(TTL, 2);
+        let now = Instant::now();
+        for n in 1..=3u8 {
+            reg.register(peer(n as u16), key(n), 10, now);
+            assert_eq!(reg.unregister(&peer(n as u16), key(n), 11, now), Ok(true));
+        }
+        // Three retired keys, room for two: the sweep starts over.
+        reg.expire(now, KEEP);
+        assert_eq!(reg.register(peer(1), key(1), 5, now), Registered::New);
+    }
+
+    #[test]
     fn a_key_that_moves_leaves_its_old_address() {
         let reg = Registry::new(TTL, 10);
         let now = Instant::now();
