@@ -274,6 +274,189 @@ mod tests {
         }
     }
 
+    use protocol::identity::{Identity, NetworkMac};
+
+    fn now_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
+
+    fn signed(me: &Identity, request: &Request, ts: u64) -> Option<Auth> {
+        Some(me.authorize(&request.canonical(), ts))
+    }
+
+    #[test]
+    fn only_allowed_keys_pass_and_a_reload_changes_which() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("allowed");
+        let (a, b) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
+        fs::write(&file, format!("# the team\n{}  # a\n\n", a.key())).unwrap();
+        let trust =
+            Trust::new(true, Some(file.clone()), None, Duration::from_secs(90), 10).unwrap();
+        let request = Request::Register {
+            port: 7000,
+            host: None,
+        };
+        assert!(trust
+            .check(&request, signed(&a, &request, now_ms()))
+            .is_ok());
+        assert!(matches!(
+            trust.check(&request, signed(&b, &request, now_ms())),
+            Err(Distrust::NotAllowed(_))
+        ));
+        fs::write(&file, format!("{}\n{}\n", a.key(), b.key())).unwrap();
+        assert_eq!(trust.reload().unwrap(), Some(2));
+        assert!(trust
+            .check(&request, signed(&b, &request, now_ms()))
+            .is_ok());
+        // A broken file keeps the keys read before, and says where.
+        fs::write(&file, "not a key\n").unwrap();
+        let e = trust.reload().unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+        assert!(trust
+            .check(&request, signed(&b, &request, now_ms()))
+            .is_ok());
+        // An open relay has nothing to reload.
+        let open = Trust::new(true, None, None, Duration::from_secs(90), 10).unwrap();
+        assert_eq!(open.reload().unwrap(), None);
+    }
+
+    #[test]
+    fn signatures_and_clocks_are_checked() {
+        let trust = Trust::new(true, None, None, Duration::from_secs(90), 10).unwrap();
+        let me = Identity::from_seed([3; 32]);
+        let request = Request::Register {
+            port: 7000,
+            host: None,
+        };
+        assert!(matches!(
+            trust.check(&request, None),
+            Err(Distrust::Unsigned)
+        ));
+        let other = Request::Register {
+            port: 7001,
+            host: None,
+        };
+        assert!(matches!(
+            trust.check(&other, signed(&me, &request, now_ms())),
+            Err(Distrust::BadSignature)
+        ));
+        let ten_minutes_ago = now_ms() - 600_000;
+        match trust.check(&request, signed(&me, &request, ten_minutes_ago)) {
+            Err(Distrust::Clock(off)) => assert!((599..=601).contains(&off), "{off}"),
+            other => panic!("{other:?}"),
+        }
+        // Just within the window is fine.
+        let four_minutes_ago = now_ms() - 240_000;
+        assert!(trust
+            .check(&request, signed(&me, &request, four_minutes_ago))
+            .is_ok());
+    }
+
+    #[test]
+    fn on_a_private_network_lookups_need_the_mac() {
+        let secret = [7; 32];
+        let trust = Trust::new(true, None, Some(secret), Duration::from_secs(90), 10).unwrap();
+        let peers = Request::Peers;
+        assert!(matches!(
+            trust.check_lookup(&peers, None),
+            Err(Distrust::Outsider)
+        ));
+        let good = NetworkMac::new(&secret, &peers.canonical(), now_ms());
+        assert!(trust
+            .check_lookup(&peers, Some(Credential::Network(good)))
+            .is_ok());
+        let wrong = NetworkMac::new(&[8; 32], &peers.canonical(), now_ms());
+        assert!(matches!(
+            trust.check_lookup(&peers, Some(Credential::Network(wrong))),
+            Err(Distrust::Outsider)
+        ));
+        let other_request = NetworkMac::new(&secret, "RP2P/1 STATS", now_ms());
+        assert!(trust
+            .check_lookup(&peers, Some(Credential::Network(other_request)))
+            .is_err());
+        let stale = NetworkMac::new(&secret, &peers.canonical(), now_ms() - 600_000);
+        assert!(matches!(
+            trust.check_lookup(&peers, Some(Credential::Network(stale))),
+            Err(Distrust::Clock(_))
+        ));
+        // Without a secret, anyone may look up.
+        let open = Trust::new(true, None, None, Duration::from_secs(90), 10).unwrap();
+        assert!(open.check_lookup(&peers, None).is_ok());
+    }
+
+    /// A peer at 127.0.0.2 that answers `times` PROVEs with `me`'s key.
+    fn prover(me: Identity, times: usize) -> PeerAddr {
+        use std::io::BufRead;
+        let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let addr: PeerAddr = listener.local_addr().unwrap().to_string().parse().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(times) {
+                let Ok(stream) = stream else { continue };
+                let mut line = String::new();
+                let _ = std::io::BufReader::new(&stream).read_line(&mut line);
+                if let Ok(PeerRequest::Prove { nonce, addr }) = PeerRequest::parse(line.trim_end())
+                {
+                    let sig = me.sign(&address_message(&nonce, &addr.to_string()));
+                    let _ = PeerResponse::Proof { key: me.key(), sig }.write_to(&mut &stream);
+                }
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_proof_is_remembered_for_the_ttl_and_no_longer() {
+        let me = Identity::from_seed([4; 32]);
+        let key = me.key();
+        // Answers one PROVE only: a second connection back would fail.
+        let addr = prover(Identity::from_seed([4; 32]), 1);
+        let from: IpAddr = "127.0.0.1".parse().unwrap();
+        let trust = Trust::new(true, None, None, Duration::from_secs(90), 10).unwrap();
+        let listed = |trust: &Trust| trust.listed_addr(from, addr.port(), Some(addr.ip()), &key);
+        assert_eq!(listed(&trust).unwrap(), addr);
+        assert_eq!(listed(&trust).unwrap(), addr, "proven once, remembered");
+        // A relay that remembers nothing asks again, and the peer no longer answers.
+        let forgetful = Trust::new(true, None, None, Duration::ZERO, 10).unwrap();
+        let again = prover(me, 1);
+        let listed_again =
+            |trust: &Trust| trust.listed_addr(from, again.port(), Some(again.ip()), &key);
+        assert!(listed_again(&forgetful).is_ok());
+        assert!(matches!(
+            listed_again(&forgetful),
+            Err(Distrust::Unproven { .. })
+        ));
+    }
+
+    #[test]
+    fn the_memory_of_proofs_is_bounded() {
+        let me = Identity::from_seed([5; 32]);
+        let key = me.key();
+        let from: IpAddr = "127.0.0.1".parse().unwrap();
+        let trust = Trust::new(true, None, None, Duration::from_secs(90), 1).unwrap();
+        let (first, second) = (
+            prover(Identity::from_seed([5; 32]), 1),
+            prover(Identity::from_seed([5; 32]), 1),
+        );
+        assert!(trust
+            .listed_addr(from, first.port(), Some(first.ip()), &key)
+            .is_ok());
+        assert!(trust
+            .listed_addr(from, second.port(), Some(second.ip()), &key)
+            .is_ok());
+        // Room for one proof: the first was forgotten to make room, and
+        // its peer answers no more.
+        assert!(trust
+            .listed_addr(from, first.port(), Some(first.ip()), &key)
+            .is_err());
+        assert!(trust
+            .listed_addr(from, second.port(), Some(second.ip()), &key)
+            .is_ok());
+        let _ = me;
+    }
+
     #[test]
     fn a_relay_on_a_public_address_lists_no_loopback_peer() {
         let key = protocol::identity::Identity::from_seed([1; 32]).key();
