@@ -25,6 +25,8 @@ pub(crate) struct Peer {
     pub(crate) library: Library,
     pub(crate) idle_timeout: Duration,
     pub(crate) write_timeout: Duration,
+    /// The upload cap, shared by every connection.
+    pub(crate) throttle: Option<stall::Throttle>,
 }
 
 /// Serves one connection: one request (all of its line within the idle
@@ -134,8 +136,15 @@ fn send_file<W: Outlet>(
     // it has taken nothing for the write timeout.
     let want = served.size - offset;
     debug!("sending {want} bytes of {name:?} from {offset}");
-    let sent =
-        stall::send(&mut file, offset, want, out, peer.write_timeout).map_err(SendError::Broke)?;
+    let sent = stall::send(
+        &mut file,
+        offset,
+        want,
+        out,
+        peer.write_timeout,
+        peer.throttle.as_ref(),
+    )
+    .map_err(SendError::Broke)?;
     if sent < want {
         return Err(SendError::Shrank { sent, want });
     }
@@ -217,8 +226,15 @@ fn send_range<W: Outlet>(
     let mut file = served.file;
     let want = end - start;
     debug!("sending {want} bytes of {name:?} from {start}");
-    let sent =
-        stall::send(&mut file, start, want, out, peer.write_timeout).map_err(SendError::Broke)?;
+    let sent = stall::send(
+        &mut file,
+        start,
+        want,
+        out,
+        peer.write_timeout,
+        peer.throttle.as_ref(),
+    )
+    .map_err(SendError::Broke)?;
     if sent < want {
         return Err(SendError::Shrank { sent, want });
     }
@@ -261,6 +277,7 @@ mod tests {
             library: Library::open(dir).unwrap(),
             idle_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
+            throttle: None,
         }
     }
 

@@ -9,4 +9,5 @@ mod index;
 mod msrv;
 mod paths;
 mod phases;
+mod transfers;
 mod ux;
