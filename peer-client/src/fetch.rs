@@ -19,7 +19,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::{self, Read},
-    sync::{mpsc, Condvar, Mutex, MutexGuard},
+    sync::{mpsc, Arc, Condvar, Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
 };
@@ -29,6 +29,8 @@ use protocol::{
     peer::{proof, FileHeader, Request, Response, CHANGED},
     ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
 };
+
+use crate::resume::{Partial, Resumed};
 
 /// Longest pause before asking busy peers again.
 const MAX_PAUSE: Duration = Duration::from_secs(4);
@@ -64,6 +66,11 @@ pub trait Sink: Send {
     /// can take pieces out of order; `None` where content must come in
     /// order (stdout, a FIFO).
     fn positional(&mut self) -> Option<File> {
+        None
+    }
+    /// Where a download is kept for a later run to continue, where it can
+    /// be (a file; not stdout or a FIFO).
+    fn partial(&self) -> Option<Arc<Partial>> {
         None
     }
 }
@@ -121,6 +128,8 @@ pub struct Fetched {
     pub size: u64,
     /// Every source that delivered verified bytes, with how many.
     pub from: Vec<(PeerAddr, u64)>,
+    /// Bytes an earlier run had verified, not fetched again.
+    pub resumed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +179,11 @@ pub struct Fetcher<'a> {
     pub note: &'a mut dyn FnMut(&str),
     pub progress: &'a mut dyn Progress,
 }
+
+/// How often at most the verified ranges of a download to a file are
+/// recorded (each time after flushing the file to disk): what a kill or a
+/// power cut can cost a later run.
+const CHECKPOINT: Duration = Duration::from_secs(1);
 
 /// What the sources report to the fetch's own thread, which alone talks
 /// to the user.
@@ -347,6 +361,35 @@ impl Fetcher<'_> {
     ) -> Result<Fetched, FetchError> {
         let positional = sink.positional();
         let ordered = positional.is_none();
+        let partial = positional.as_ref().and_then(|_| sink.partial());
+        let output = |source| FetchError::Output {
+            name: name.to_string(),
+            source,
+        };
+        let (have, resumed) = match &partial {
+            Some(partial) => partial.start(version.size, version.hash).map_err(output)?,
+            None => (Vec::new(), Resumed::Fresh),
+        };
+        let resumed = match resumed {
+            Resumed::Fresh => 0,
+            Resumed::Kept(bytes) => {
+                let part = partial.as_ref().map(|p| p.path().display().to_string());
+                (self.note)(&format!(
+                    "resuming from {}: {bytes} of {} bytes verified by an earlier run",
+                    part.unwrap_or_default(),
+                    version.size
+                ));
+                bytes
+            }
+            Resumed::StartedOver(why) => {
+                let part = partial.as_ref().map(|p| p.path().display().to_string());
+                (self.note)(&format!(
+                    "not resuming from {}: {why}; starting over",
+                    part.unwrap_or_default()
+                ));
+                0
+            }
+        };
         let piece = if sources.len() == 1 {
             SOLO_PIECE
         } else {
@@ -355,9 +398,11 @@ impl Fetcher<'_> {
         let board = Board::new(
             version.size,
             piece,
+            &have,
             ordered.then_some(WINDOW),
             sink,
             positional,
+            partial.clone(),
         );
         let job = Job {
             name,
@@ -366,8 +411,13 @@ impl Fetcher<'_> {
             limits: self.limits,
             board: &board,
         };
-        self.progress.start(version.size, 0);
+        self.progress.start(version.size, resumed);
         let (events, inbox) = mpsc::channel();
+        let mut checkpoint = Checkpoint {
+            partial: partial.as_deref(),
+            saved: None,
+            failed: false,
+        };
         let outcomes: Vec<(PeerAddr, Outcome)> = thread::scope(|scope| {
             let workers: Vec<_> = sources
                 .iter()
@@ -381,7 +431,10 @@ impl Fetcher<'_> {
             for event in inbox {
                 match event {
                     Event::Note(line) => (self.note)(&line),
-                    Event::Bytes(n) => self.progress.advance(n),
+                    Event::Bytes(n) => {
+                        self.progress.advance(n);
+                        checkpoint.now_and_then(self.note);
+                    }
                 }
             }
             workers
@@ -436,7 +489,38 @@ impl Fetcher<'_> {
             peer,
             size: version.size,
             from,
+            resumed,
         })
+    }
+}
+
+/// Records the verified ranges of a download to a file now and then.
+struct Checkpoint<'p> {
+    partial: Option<&'p Partial>,
+    saved: Option<Instant>,
+    /// Told once: the record could not be written.
+    failed: bool,
+}
+
+impl Checkpoint<'_> {
+    /// Records at the first verified bytes, then at most every CHECKPOINT.
+    fn now_and_then(&mut self, note: &mut dyn FnMut(&str)) {
+        let Some(partial) = self.partial else {
+            return;
+        };
+        if self.saved.is_some_and(|at| at.elapsed() < CHECKPOINT) {
+            return;
+        }
+        self.saved = Some(Instant::now());
+        if let Err(e) = partial.save() {
+            if !self.failed {
+                self.failed = true;
+                note(&format!(
+                    "cannot record the progress of {}: {e} (a later run may have to start over)",
+                    partial.path().display()
+                ));
+            }
+        }
     }
 }
 
@@ -513,6 +597,8 @@ struct State<'s> {
     positional: Option<File>,
     /// Writing failed: every source stops.
     output: Option<io::Error>,
+    /// Where verified bytes written to the file are noted, for a later run.
+    partial: Option<Arc<Partial>>,
 }
 
 struct Board<'s> {
@@ -540,27 +626,49 @@ enum Delivered {
 }
 
 impl<'s> Board<'s> {
+    /// The pieces of a file of `size` bytes, each at most `piece` long,
+    /// that cover what is not in `have` (sorted ranges, verified before).
     fn new(
         size: u64,
         piece: u64,
+        have: &[(u64, u64)],
         window: Option<u64>,
         sink: &'s mut dyn Sink,
         positional: Option<File>,
+        partial: Option<Arc<Partial>>,
     ) -> Self {
         let mut pieces = Vec::new();
-        let mut start = 0;
-        loop {
-            let end = (start + piece).min(size);
+        if size == 0 {
             pieces.push(Piece {
-                start,
-                end,
-                got: start,
+                start: 0,
+                end: 0,
+                got: 0,
                 workers: 0,
             });
-            if end >= size {
-                break;
+        }
+        // The gaps between the ranges had: `have` is sorted and apart.
+        let mut gaps = Vec::new();
+        let mut at = 0;
+        for &(start, end) in have {
+            if start > at {
+                gaps.push((at, start));
             }
-            start = end;
+            at = at.max(end);
+        }
+        if at < size {
+            gaps.push((at, size));
+        }
+        for (mut start, gap_end) in gaps {
+            while start < gap_end {
+                let end = (start + piece).min(gap_end);
+                pieces.push(Piece {
+                    start,
+                    end,
+                    got: start,
+                    workers: 0,
+                });
+                start = end;
+            }
         }
         Board {
             state: Mutex::new(State {
@@ -571,6 +679,7 @@ impl<'s> Board<'s> {
                 sink,
                 positional,
                 output: None,
+                partial,
             }),
             changed: Condvar::new(),
         }
@@ -664,6 +773,9 @@ impl<'s> Board<'s> {
             drop(state);
             self.changed.notify_all();
             return Delivered::Stop;
+        }
+        if let Some(partial) = &state.partial {
+            partial.verified(at, at + data.len() as u64);
         }
         state.pieces[index].got += data.len() as u64;
         *delivered += data.len() as u64;

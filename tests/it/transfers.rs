@@ -141,3 +141,129 @@ fn a_stopping_peer_ends_capped_transfers_after_its_grace() {
         "the transfer went on for {after:?}"
     );
 }
+
+/// Verified bytes in a `.part.ranges` record (0 while there is none).
+fn recorded(record: &std::path::Path) -> u64 {
+    let Ok(text) = fs::read_to_string(record) else {
+        return 0;
+    };
+    let Some((_, ranges)) = text.split_once("\nranges ") else {
+        return 0;
+    };
+    ranges
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(' '))
+        .map(|(start, end)| end.parse::<u64>().unwrap() - start.parse::<u64>().unwrap())
+        .sum()
+}
+
+/// Bytes of content a peer's log says it sent in full replies to RANGE.
+fn ranges_sent(log: &str) -> u64 {
+    log.lines()
+        .filter(|line| line.contains(" RANGE "))
+        .filter_map(|line| line.split(": sent ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A client killed outright (no chance to clean up) mid-transfer: the
+/// same command continues from what the record says was verified, and
+/// the peer sends only the rest.
+#[test]
+fn a_download_killed_mid_transfer_continues_where_it_stopped() {
+    let content = big_content(6 << 20);
+    let size = content.len() as u64;
+    let dir = folder_with(&[("big.bin", &content)]);
+    // Capped, so that the transfer lasts long enough to be cut.
+    let (relay, peer) = network(dir.path(), &["--rate-limit", "2M"], "big.bin");
+    let out_dir = tempfile::tempdir().unwrap();
+    let dest = out_dir.path().join("big.bin");
+    let part = out_dir.path().join("big.bin.part");
+    let record = out_dir.path().join("big.bin.part.ranges");
+    let mut child = Command::new(bin("peer-client"))
+        .args(["127.0.0.1", &relay.port(), "get", "big.bin", "-o"])
+        .arg(&dest)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("verified bytes are recorded", || recorded(&record) > 0);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let had = recorded(&record);
+    assert!(had < size, "the whole file was there before the kill");
+    assert!(!dest.exists() && part.exists());
+
+    let before = peer.log().len();
+    let out = client(
+        relay.addr,
+        &["get", "big.bin", "-o", dest.to_str().unwrap()],
+        "",
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(fs::read(&dest).unwrap() == content, "the result differs");
+    let resuming = format!(
+        "resuming from {}: {had} of {size} bytes verified by an earlier run",
+        part.display()
+    );
+    assert!(err.contains(&resuming), "{err}");
+    assert!(
+        err.contains(&format!("{had} bytes verified by an earlier run)")),
+        "{err}"
+    );
+    eventually("the peer logged the second run", || {
+        ranges_sent(&peer.log()[before..]) > 0
+    });
+    let sent = ranges_sent(&peer.log()[before..]);
+    assert!(sent <= size - had, "sent {sent} of {size} bytes again");
+    assert!(!part.exists() && !record.exists(), "partial files left");
+}
+
+/// A `.part` with a record that cannot be trusted (garbage, another
+/// version, a length that does not match) is not used: the download
+/// starts over, says why, and ends byte-exact.
+#[test]
+fn a_corrupt_or_foreign_partial_download_is_started_over() {
+    let content = big_content(100_000);
+    let dir = folder_with(&[("f.bin", &content)]);
+    let net = crate::harness::Network::start(&[dir.path()]);
+    eventually("the index has the file", || {
+        stdout(&net.client(&["ls"])).contains("f.bin")
+    });
+    let other = blake3::hash(b"another version");
+    let foreign = format!("relay-p2p partial 1\nsize 100000\nhash {other}\nranges 1\n0 65536\n");
+    let mine = foreign.replace(&other.to_string(), &blake3::hash(&content).to_string());
+    for (part_len, record, why) in [
+        (
+            100_000,
+            "not a record\n".to_string(),
+            "its record cannot be used",
+        ),
+        (100_000, foreign, "it holds part of other content"),
+        (50_000, mine, "its length does not match its record"),
+        (100_000, String::new(), "it has no record of verified bytes"),
+    ] {
+        let out_dir = tempfile::tempdir().unwrap();
+        let dest = out_dir.path().join("f.bin");
+        let part = out_dir.path().join("f.bin.part");
+        fs::write(&part, vec![0xAA; part_len]).unwrap();
+        if !record.is_empty() {
+            fs::write(out_dir.path().join("f.bin.part.ranges"), &record).unwrap();
+        }
+        let out = net.client(&["get", "f.bin", "-o", dest.to_str().unwrap()]);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            fs::read(&dest).unwrap() == content,
+            "{why}: the result differs"
+        );
+        let told = format!("not resuming from {}: {why}", part.display());
+        assert!(
+            err.contains(&told) && err.contains("starting over"),
+            "{err}"
+        );
+        assert_eq!(fs::read_dir(out_dir.path()).unwrap().count(), 1, "{why}");
+    }
+}
