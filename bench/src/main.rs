@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod load;
+mod multi;
 mod procs;
 mod relay;
 mod report;
@@ -67,6 +68,7 @@ struct Args {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Figure {
     Transfer,
+    Multi,
     Small,
     Lookups,
     Registration,
@@ -125,7 +127,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let served = work.path().join("served");
     fs::create_dir(&served)?;
     let wants = |f| args.only.is_empty() || args.only.contains(&f);
-    let size = if wants(Figure::Transfer) {
+    let size = if wants(Figure::Transfer) || wants(Figure::Multi) {
         args.size_mib
     } else {
         1
@@ -168,6 +170,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     if wants(Figure::Transfer) {
         rows.extend(transfer::run(&setup, args.runs)?);
+    }
+    if wants(Figure::Multi) {
+        rows.extend(multi::run(&setup, args.runs)?);
     }
     if wants(Figure::Small) {
         rows.extend(small::run(&setup, args.small_runs)?);
@@ -273,18 +278,20 @@ fn write_file(path: &Path, len: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until the relay's index names the peer as a holder of big.bin:
+/// a big file hashed at start is announced at the next heartbeat (30 s).
 fn wait_registered(setup: &Setup) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let mut buf = Vec::new();
     while Instant::now() < deadline {
-        if load::exchange(setup.relay.addr, b"RP2P/1 PEERS\n", &mut buf).is_ok()
-            && buf.starts_with(b"PEERS 1\n")
+        if load::exchange(setup.relay.addr, b"RP2P/1 WHO big.bin\n", &mut buf).is_ok()
+            && buf.starts_with(b"HOLDERS 1\n")
         {
             return Ok(());
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(100));
     }
-    bail!("the peer did not register with the relay")
+    bail!("the relay's index did not name the peer as a holder of big.bin")
 }
 
 /// A header naming the machine, for BENCHMARKS.md.

@@ -185,6 +185,10 @@ pub struct Fetcher<'a> {
 /// power cut can cost a later run.
 const CHECKPOINT: Duration = Duration::from_secs(1);
 
+/// How often at most a source reports its progress: each report wakes
+/// the fetch's own thread.
+const REPORT: Duration = Duration::from_millis(100);
+
 /// What the sources report to the fetch's own thread, which alone talks
 /// to the user.
 enum Event {
@@ -599,6 +603,9 @@ struct State<'s> {
     output: Option<io::Error>,
     /// Where verified bytes written to the file are noted, for a later run.
     partial: Option<Arc<Partial>>,
+    /// Sources waiting for a change: only then is anyone woken (a wake is
+    /// a system call, and most deliveries concern nobody waiting).
+    waiting: usize,
 }
 
 struct Board<'s> {
@@ -680,6 +687,7 @@ impl<'s> Board<'s> {
                 positional,
                 output: None,
                 partial,
+                waiting: 0,
             }),
             changed: Condvar::new(),
         }
@@ -728,11 +736,22 @@ impl<'s> Board<'s> {
 
     /// Waits a moment for pieces to be given back or finished.
     fn wait(&self) {
-        let state = self.lock();
-        let _ = self
-            .changed
-            .wait_timeout(state, Duration::from_millis(100))
-            .map(|(state, _)| drop(state));
+        let mut state = self.lock();
+        state.waiting += 1;
+        let mut state = match self.changed.wait_timeout(state, Duration::from_millis(100)) {
+            Ok((state, _)) => state,
+            Err(poisoned) => poisoned.into_inner().0,
+        };
+        state.waiting -= 1;
+    }
+
+    /// Lets go of the state after a change, waking the sources waiting.
+    fn changed(&self, state: MutexGuard<'_, State<'s>>) {
+        let waiting = state.waiting > 0;
+        drop(state);
+        if waiting {
+            self.changed.notify_all();
+        }
     }
 
     /// A source leaves piece `index` (done, failed or given up).
@@ -740,8 +759,7 @@ impl<'s> Board<'s> {
         let mut state = self.lock();
         let piece = &mut state.pieces[index];
         piece.workers = piece.workers.saturating_sub(1);
-        drop(state);
-        self.changed.notify_all();
+        self.changed(state);
     }
 
     /// Hands on verified bytes of piece `index` starting at `offset`.
@@ -770,8 +788,7 @@ impl<'s> Board<'s> {
         };
         if let Err(e) = written {
             state.output = Some(e);
-            drop(state);
-            self.changed.notify_all();
+            self.changed(state);
             return Delivered::Stop;
         }
         if let Some(partial) = &state.partial {
@@ -780,8 +797,7 @@ impl<'s> Board<'s> {
         state.pieces[index].got += data.len() as u64;
         *delivered += data.len() as u64;
         let done = state.pieces[index].got >= piece.end;
-        drop(state);
-        self.changed.notify_all();
+        self.changed(state);
         if done {
             Delivered::PieceDone
         } else {
@@ -817,6 +833,31 @@ struct Job<'a, 's> {
     board: &'a Board<'s>,
 }
 
+/// A source's progress, passed on at most every REPORT (the first bytes
+/// at once: they start the record of a download to a file).
+struct Report<'e> {
+    events: &'e mpsc::Sender<Event>,
+    pending: u64,
+    sent: Option<Instant>,
+}
+
+impl Report<'_> {
+    fn add(&mut self, bytes: u64) {
+        self.pending += bytes;
+        if self.sent.is_none_or(|at| at.elapsed() >= REPORT) {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.pending > 0 {
+            let _ = self.events.send(Event::Bytes(self.pending));
+            self.pending = 0;
+            self.sent = Some(Instant::now());
+        }
+    }
+}
+
 /// How a source ended.
 struct Outcome {
     /// Verified bytes it delivered.
@@ -844,6 +885,11 @@ impl Job<'_, '_> {
             delivered: 0,
             dropped: None,
         };
+        let mut report = Report {
+            events,
+            pending: 0,
+            sent: None,
+        };
         let (mut pause, mut busy_since) = (Duration::from_millis(50), None);
         // Bounded: every round either finishes a piece, waits at most 100
         // ms, or ends the source; a stuck fetch ends by the timeouts.
@@ -856,7 +902,8 @@ impl Job<'_, '_> {
                 }
                 Claim::Piece { index, from } => (index, from),
             };
-            let attempt = self.fetch_piece(peer, index, from, events, &mut outcome.delivered);
+            let attempt = self.fetch_piece(peer, index, from, &mut report, &mut outcome.delivered);
+            report.flush();
             self.board.leave(index);
             match attempt {
                 Attempt::Done => busy_since = None,
@@ -893,7 +940,7 @@ impl Job<'_, '_> {
         peer: PeerAddr,
         index: usize,
         from: u64,
-        events: &mpsc::Sender<Event>,
+        report: &mut Report<'_>,
         delivered: &mut u64,
     ) -> Attempt {
         let Version { size, hash } = self.version;
@@ -1034,7 +1081,7 @@ impl Job<'_, '_> {
             if good > 0 {
                 let before = *delivered;
                 let result = self.board.deliver(index, at, &buf[..good], delivered);
-                let _ = events.send(Event::Bytes(*delivered - before));
+                report.add(*delivered - before);
                 match result {
                     Delivered::More => {}
                     Delivered::PieceDone if failure.is_none() => return Attempt::Done,
@@ -1207,13 +1254,36 @@ mod tests {
         }
     }
 
+    /// Honest, but a RANGE is answered only once `together` ranges are
+    /// asked for at once over all the peers sharing `gate` (or after 5 s):
+    /// no source can take every piece before the others have started.
+    fn gathering(
+        content: Arc<Vec<u8>>,
+        gate: Arc<(Mutex<usize>, Condvar)>,
+        together: usize,
+    ) -> impl Fn(&str, &mut TcpStream) + Send + Sync {
+        move |line, stream| {
+            if line.contains("RANGE") {
+                let (count, arrived) = &*gate;
+                let mut count = count.lock().unwrap();
+                *count += 1;
+                arrived.notify_all();
+                let _ = arrived
+                    .wait_timeout_while(count, Duration::from_secs(5), |n| *n < together)
+                    .unwrap();
+            }
+            let _ = stream.write_all(&reply(&content, line));
+        }
+    }
+
     #[test]
     fn several_sources_share_the_work_and_stdout_gets_it_in_order() {
         let content = content(3 * SHARED_PIECE as usize + 1000);
-        let peers: Vec<PeerAddr> = (0..3)
-            .map(|_| fake_peer(honest(Arc::clone(&content))).0)
-            .collect();
         for positional in [false, true] {
+            let gate = Arc::new((Mutex::new(0), Condvar::new()));
+            let peers: Vec<PeerAddr> = (0..3)
+                .map(|_| fake_peer(gathering(Arc::clone(&content), Arc::clone(&gate), 2)).0)
+                .collect();
             let r = run(&peers, 3, positional, Limits::default());
             let fetched = r.result.unwrap();
             assert!(r.data == *content);
@@ -1224,6 +1294,9 @@ mod tests {
             );
         }
         // -j 1 takes one source only.
+        let peers: Vec<PeerAddr> = (0..3)
+            .map(|_| fake_peer(honest(Arc::clone(&content))).0)
+            .collect();
         let fetched = get(&peers, 1).result.unwrap();
         assert_eq!(fetched.from.len(), 1);
     }
