@@ -6,6 +6,7 @@
 
 mod index;
 mod load;
+mod multi;
 mod procs;
 mod relay;
 mod report;
@@ -89,6 +90,7 @@ struct Args {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Figure {
     Transfer,
+    Multi,
     Small,
     Lookups,
     Registration,
@@ -167,7 +169,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let served = work.path().join("served");
     fs::create_dir(&served)?;
     let wants = |f| args.only.is_empty() || args.only.contains(&f);
-    let size = if wants(Figure::Transfer) {
+    let size = if wants(Figure::Transfer) || wants(Figure::Multi) {
         args.size_mib
     } else {
         1
@@ -211,6 +213,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     if wants(Figure::Transfer) {
         rows.extend(transfer::run(&setup, args.runs)?);
+    }
+    if wants(Figure::Multi) {
+        rows.extend(multi::run(&setup, args.runs)?);
     }
     if wants(Figure::Small) {
         rows.extend(small::run(&setup, args.small_runs)?);
@@ -362,7 +367,7 @@ fn wait_registered(setup: &Setup) -> anyhow::Result<()> {
         if held("big.bin") && held("small.txt") {
             return Ok(());
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(100));
     }
     bail!("the relay's index does not name the peer as holder of big.bin and small.txt")
 }

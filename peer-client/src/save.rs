@@ -1,6 +1,9 @@
 //! Where fetched content goes: stdout, or a file that appears only once
-//! complete and verified (written beside it under a temporary name, then
-//! renamed into place), so a failed fetch never leaves half a file.
+//! complete and verified. A file is fetched into `PATH.part` beside it
+//! (with `PATH.part.ranges`, the record of what is verified: see
+//! `resume`), renamed into place once whole, so a failed fetch never
+//! leaves half a file under its name, and a fetch that fails or is
+//! interrupted leaves what it verified for the same command to continue.
 //!
 //! As with `curl -o`, a destination that is not a regular file is used as
 //! it is: a symlink is written through (the rename happens beside its
@@ -13,12 +16,10 @@ use std::{
     fs::File,
     io::{self, Write},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
-use tempfile::NamedTempFile;
-
-use crate::fetch::Sink;
+use crate::{fetch::Sink, resume::Partial};
 
 /// Why content cannot be saved where the user asked.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +30,15 @@ pub enum SaveError {
     /// The path is a folder (after adding the file's name to it).
     #[error("cannot save to {}: it is a folder", .0.display())]
     IsFolder(PathBuf),
-    /// A step on `path` failed: opening, creating the temporary file,
+    /// Another run is downloading to the same path.
+    #[error("cannot save to {}: another download to it is running ({} is locked)", .dest.display(), .part.display())]
+    InUse {
+        /// The destination.
+        dest: PathBuf,
+        /// Its partial download.
+        part: PathBuf,
+    },
+    /// A step on `path` failed: opening, creating the partial file,
     /// keeping the permissions, writing or renaming.
     #[error("cannot {what} {}: {source}", .path.display())]
     Io {
@@ -51,12 +60,38 @@ fn failed<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
-/// Temporary files of downloads in progress, removed if the user interrupts.
-static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Downloads in progress, kept for a later run (or removed when nothing
+/// of them is verified) if the user interrupts.
+static IN_PROGRESS: Mutex<Vec<Arc<Partial>>> = Mutex::new(Vec::new());
 
-/// On Ctrl-C (SIGINT) or SIGTERM, removes partial downloads, then exits
-/// as a shell expects of a process ended by that signal: 128 + its number
-/// (130, 143).
+/// What a user is told about a partial download that is kept.
+pub fn kept_message(part: &Path) -> String {
+    format!(
+        "partial download kept in {}; run the same command again to continue",
+        part.display()
+    )
+}
+
+/// Keeps `partial` for a later run if any of it is verified (recording
+/// what is), removes it otherwise; returns its path if it is kept.
+fn set_aside(partial: &Partial) -> Option<PathBuf> {
+    if partial.bytes() == 0 {
+        partial.remove();
+        return None;
+    }
+    if let Err(e) = partial.save() {
+        // The last record saved still holds; it names no lost byte.
+        eprintln!(
+            "cannot record the progress of {}: {e}",
+            partial.path().display()
+        );
+    }
+    Some(partial.path().to_path_buf())
+}
+
+/// On Ctrl-C (SIGINT) or SIGTERM, keeps partial downloads for the next run
+/// (and says so), then exits as a shell expects of a process ended by
+/// that signal: 128 + its number (130, 143).
 pub fn clean_up_on_interrupt() -> io::Result<()> {
     use signal_hook::{
         consts::{SIGINT, SIGTERM},
@@ -69,8 +104,10 @@ pub fn clean_up_on_interrupt() -> io::Result<()> {
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 let pending = IN_PROGRESS.lock().unwrap_or_else(|p| p.into_inner());
-                for path in pending.iter() {
-                    let _ = std::fs::remove_file(path);
+                for partial in pending.iter() {
+                    if let Some(part) = set_aside(partial) {
+                        eprintln!("{}", kept_message(&part));
+                    }
                 }
                 eprintln!("interrupted");
                 std::process::exit(128 + signal);
@@ -143,7 +180,7 @@ impl Drop for StdoutSink {
 
 /// A file being downloaded to `dest`.
 pub struct FileSink {
-    /// `None` once committed.
+    /// `None` once committed or set aside.
     out: Option<Out>,
     dest: PathBuf,
     /// The permissions of the file being replaced, kept for its successor.
@@ -151,8 +188,8 @@ pub struct FileSink {
 }
 
 enum Out {
-    /// Beside a regular (or new) file, renamed over it once complete.
-    Temp(NamedTempFile),
+    /// `dest.part`, renamed over `dest` once complete.
+    Part(Arc<Partial>),
     /// A device or FIFO, written as the content comes: what is written
     /// cannot be taken back.
     Direct(File),
@@ -190,34 +227,21 @@ impl FileSink {
                 });
             }
         }
-        let dir = match dest.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
+        let partial = match Partial::open(&dest) {
+            Ok(partial) => Arc::new(partial),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let part = PathBuf::from(format!("{}.part", dest.display()));
+                return Err(SaveError::InUse { dest, part });
+            }
+            Err(e) => return Err(failed("create a file beside", &dest)(e)),
         };
-        let base = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let prefix = format!(".{base}.");
-        let mut builder = tempfile::Builder::new();
-        builder.prefix(&prefix).suffix(".part");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Temporary files are private by default; this one becomes an
-            // ordinary file, so create it as one (the umask applies).
-            builder.permissions(std::fs::Permissions::from_mode(0o666));
-        }
-        let temp = builder
-            .tempfile_in(&dir)
-            .map_err(failed("create a file in", &dir))?;
         IN_PROGRESS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(temp.path().to_path_buf());
+            .push(Arc::clone(&partial));
         let replaced = std::fs::metadata(&dest).ok().map(|m| m.permissions());
         Ok(FileSink {
-            out: Some(Out::Temp(temp)),
+            out: Some(Out::Part(partial)),
             dest,
             replaced,
         })
@@ -225,8 +249,8 @@ impl FileSink {
 
     /// Moves the complete file into place.
     pub fn commit(mut self) -> Result<PathBuf, SaveError> {
-        let temp = match self.out.take() {
-            Some(Out::Temp(temp)) => temp,
+        let partial = match self.out.take() {
+            Some(Out::Part(partial)) => partial,
             Some(Out::Direct(mut file)) => {
                 file.flush().map_err(failed("write to", &self.dest))?;
                 return Ok(self.dest.clone());
@@ -234,67 +258,80 @@ impl FileSink {
             // `commit` takes `self`: it cannot run twice.
             None => return Ok(self.dest.clone()),
         };
+        forget(&partial);
         let dest = self.dest.clone();
-        let temp_path = temp.path().to_path_buf();
+        let part = partial.path().to_path_buf();
         if let Some(permissions) = self.replaced.take() {
-            temp.as_file()
+            partial
+                .file()
                 .set_permissions(permissions)
-                .map_err(failed("set permissions of", &temp_path))?;
+                .map_err(failed("set permissions of", &part))?;
         }
         // No fsync, like curl and rsync: the rename keeps a crash or a kill
         // from leaving half a file, and durability is the file system's.
-        temp.persist(&dest)
-            .map_err(|e| e.error)
-            .map_err(failed("save", &dest))?;
-        forget(&temp_path);
+        std::fs::rename(&part, &dest).map_err(failed("save", &dest))?;
+        partial.remove_record();
         Ok(dest)
+    }
+
+    /// Gives up on this run: keeps what is verified for the next one (and
+    /// returns where), or removes the partial file when nothing is.
+    pub fn set_aside(mut self) -> Option<PathBuf> {
+        match self.out.take()? {
+            Out::Part(partial) => {
+                forget(&partial);
+                set_aside(&partial)
+            }
+            Out::Direct(_) => None,
+        }
     }
 }
 
 impl Drop for FileSink {
     fn drop(&mut self) {
-        // NamedTempFile removes the file itself; just stop tracking it.
-        if let Some(Out::Temp(temp)) = &self.out {
-            forget(temp.path());
+        if let Some(Out::Part(partial)) = self.out.take() {
+            forget(&partial);
+            set_aside(&partial);
         }
     }
 }
 
-fn forget(path: &Path) {
+fn forget(partial: &Arc<Partial>) {
     IN_PROGRESS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .retain(|p| p != path);
-}
-
-impl FileSink {
-    fn file(&mut self) -> io::Result<&mut File> {
-        match &mut self.out {
-            Some(Out::Temp(temp)) => Ok(temp.as_file_mut()),
-            Some(Out::Direct(file)) => Ok(file),
-            None => Err(io::Error::other("download already saved")),
-        }
-    }
+        .retain(|p| !Arc::ptr_eq(p, partial));
 }
 
 impl Sink for FileSink {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file()?.write_all(buf)
+        match &mut self.out {
+            Some(Out::Part(partial)) => partial.file().write_all(buf),
+            Some(Out::Direct(file)) => file.write_all(buf),
+            None => Err(io::Error::other("download already saved")),
+        }
     }
 
     /// The free space beside the destination; unknown for a device or FIFO.
     fn room(&self) -> Option<u64> {
         match &self.out {
-            Some(Out::Temp(temp)) => free_space(temp.as_file()),
+            Some(Out::Part(partial)) => free_space(partial.file()),
             _ => None,
         }
     }
 
-    /// The temporary file takes pieces at their offsets; a device or FIFO
+    /// The partial file takes pieces at their offsets; a device or FIFO
     /// only in order.
     fn positional(&mut self) -> Option<File> {
         match &self.out {
-            Some(Out::Temp(temp)) => temp.as_file().try_clone().ok(),
+            Some(Out::Part(partial)) => partial.file().try_clone().ok(),
+            _ => None,
+        }
+    }
+
+    fn partial(&self) -> Option<Arc<Partial>> {
+        match &self.out {
+            Some(Out::Part(partial)) => Some(Arc::clone(partial)),
             _ => None,
         }
     }

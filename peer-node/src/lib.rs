@@ -66,6 +66,9 @@ pub struct Config {
     /// Serve files with more than one hard link (another link may be
     /// outside the folder, which no check can see).
     pub allow_hardlinks: bool,
+    /// Most file bytes sent a second, over all connections together;
+    /// `None`: no cap.
+    pub rate_limit: Option<u64>,
 }
 
 impl Config {
@@ -86,6 +89,7 @@ impl Config {
             allow_hardlinks: false,
             watch: true,
             key: None,
+            rate_limit: None,
         }
     }
 }
@@ -117,6 +121,7 @@ pub enum StartError {
 /// [`Running::wait`] unregister and let transfers finish first.
 pub struct Node {
     server: Server,
+    peer: Arc<serve::Peer>,
     announcer: Arc<announce::Announcer>,
     heartbeat: Option<JoinHandle<()>>,
     /// Stops watching the folder when dropped.
@@ -165,6 +170,7 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         library,
         idle_timeout: config.timeout,
         write_timeout: config.timeout,
+        throttle: config.rate_limit.map(stall::Throttle::new),
     });
     let warm_up = {
         // Hash what is already there, so that the first request for a big
@@ -206,6 +212,7 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
     };
     Ok(Node {
         server,
+        peer,
         announcer,
         heartbeat: Some(heartbeat),
         warm_up: Some(warm_up),
@@ -251,6 +258,11 @@ impl Node {
             }
         }
         let left = self.server.drain(grace);
+        // Grace is over: transfers waiting for upload tokens end now
+        // instead of trickling on after the peer has stopped.
+        if let Some(throttle) = &self.peer.throttle {
+            throttle.close();
+        }
         if let Some(warm_up) = self.warm_up.take() {
             // Stops between two files; one big file can take a while.
             if warm_up.is_finished() {

@@ -64,6 +64,10 @@ struct Args {
     /// each heartbeat instead
     #[arg(long, env = "PEER_NO_WATCH", value_parser = FalseyValueParser::new())]
     no_watch: bool,
+    /// Most bytes of file content sent a second, over all connections
+    /// together (K, M, G suffixes; 0: no cap)
+    #[arg(long, env = "PEER_RATE_LIMIT", value_name = "RATE", value_parser = cli::parse_size)]
+    rate_limit: Option<u64>,
     /// More log output (debug); RUST_LOG overrides
     #[arg(short, long, env = "PEER_VERBOSE", value_parser = FalseyValueParser::new())]
     verbose: bool,
@@ -103,6 +107,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         allow_hardlinks: args.allow_hardlinks,
         watch: !args.no_watch,
         key: Some(key),
+        rate_limit: args.rate_limit.filter(|&rate| rate > 0),
     })?;
     cli::serve_until_signal(node).map_err(anyhow::Error::msg)
 }

@@ -29,6 +29,8 @@ pub(crate) struct Peer {
     /// The key that names this peer: it signs what the peer tells the
     /// relay, and proves the peer's address when the relay asks.
     pub(crate) identity: Identity,
+    /// The upload cap, shared by every connection.
+    pub(crate) throttle: Option<stall::Throttle>,
 }
 
 /// Serves one connection: one request (all of its line within the idle
@@ -159,8 +161,15 @@ fn send_file<W: Outlet>(
     // it has taken nothing for the write timeout.
     let want = served.size - offset;
     debug!("sending {want} bytes of {name:?} from {offset}");
-    let sent =
-        stall::send(&mut file, offset, want, out, peer.write_timeout).map_err(SendError::Broke)?;
+    let sent = stall::send(
+        &mut file,
+        offset,
+        want,
+        out,
+        peer.write_timeout,
+        peer.throttle.as_ref(),
+    )
+    .map_err(SendError::Broke)?;
     if sent < want {
         return Err(SendError::Shrank { sent, want });
     }
@@ -261,8 +270,15 @@ fn send_range<W: Outlet>(
     let mut file = served.file;
     let want = end - start;
     debug!("sending {want} bytes of {name:?} from {start}");
-    let sent =
-        stall::send(&mut file, start, want, out, peer.write_timeout).map_err(SendError::Broke)?;
+    let sent = stall::send(
+        &mut file,
+        start,
+        want,
+        out,
+        peer.write_timeout,
+        peer.throttle.as_ref(),
+    )
+    .map_err(SendError::Broke)?;
     if sent < want {
         return Err(SendError::Shrank { sent, want });
     }
@@ -306,6 +322,7 @@ mod tests {
             idle_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
             identity: Identity::from_seed([1; 32]),
+            throttle: None,
         }
     }
 

@@ -8,13 +8,95 @@
 //! time. So a write that times out is not the end: the peer looks at how
 //! many bytes the kernel still holds for the client, and goes on while
 //! that number goes down. It gives up when nothing moved for `patience`.
+//!
+//! A peer with an upload cap shares one [`Throttle`] over all its
+//! connections: each sendfile call is asked to move no more than the
+//! tokens at hand, and waits for more when there are none.
 
 use std::{
     fs::File,
     io::{self, Read, Seek, SeekFrom, Write},
     net::TcpStream,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
+
+/// The smallest burst of a throttle: small caps still send in chunks big
+/// enough that a sendfile call is worth making.
+const MIN_BURST: u64 = 256 << 10;
+
+/// The longest one wait for tokens lasts before the throttle looks again
+/// whether it was closed.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+
+/// A token bucket: at most `rate` bytes a second on average, over every
+/// connection that shares it, with bursts of a tenth of a second's worth
+/// (at least 256 KiB).
+pub struct Throttle {
+    rate: u64,
+    burst: u64,
+    /// Tokens at hand, as of the instant.
+    bucket: Mutex<(f64, Instant)>,
+    /// Set once a stopping peer's grace is over: waiting transfers end.
+    closed: AtomicBool,
+}
+
+impl Throttle {
+    /// A throttle of `rate` bytes a second (at least 1), full at the start.
+    pub fn new(rate: u64) -> Self {
+        let rate = rate.max(1);
+        let burst = (rate / 10).max(MIN_BURST);
+        Throttle {
+            rate,
+            burst,
+            bucket: Mutex::new((burst as f64, Instant::now())),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Ends every wait for tokens, now and later, with an error.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until a useful amount may go (an eighth of the burst, or all
+    /// of `want` if less) and takes up to `want` bytes' worth; returns how
+    /// many, and how long it waited. Fails once the throttle is closed.
+    pub fn take(&self, want: u64) -> io::Result<(u64, Duration)> {
+        let started = Instant::now();
+        let least = want.min(self.burst / 8).max(1) as f64;
+        // Bounded: each round waits at most MAX_WAIT, and the tokens
+        // needed arrive within least / rate seconds.
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(io::Error::other("the peer is stopping"));
+            }
+            let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let (tokens, then) = *bucket;
+            let tokens = (tokens + now.duration_since(then).as_secs_f64() * self.rate as f64)
+                .min(self.burst as f64);
+            if tokens >= least {
+                let granted = (tokens.floor() as u64).min(want);
+                *bucket = (tokens - granted as f64, now);
+                return Ok((granted, started.elapsed()));
+            }
+            *bucket = (tokens, now);
+            drop(bucket);
+            let missing = Duration::from_secs_f64((least - tokens) / self.rate as f64);
+            std::thread::sleep(missing.clamp(Duration::from_millis(1), MAX_WAIT));
+        }
+    }
+
+    /// Gives back tokens taken but not used (the socket took less).
+    pub fn give_back(&self, unused: u64) {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        bucket.0 = (bucket.0 + unused as f64).min(self.burst as f64);
+    }
+}
 
 /// Where a file goes: a client's socket, or (in tests) memory.
 pub trait Outlet: Write {
@@ -37,22 +119,29 @@ const MAX_CHUNK: u64 = 1 << 30;
 
 /// Sends `len` bytes of `file` from `offset`; returns how many went out
 /// (fewer when the file shrank). Gives up with `TimedOut` when the client
-/// took nothing for `patience`.
+/// took nothing for `patience`. A socket is sent to no faster than
+/// `throttle` allows.
 pub fn send<W: Outlet>(
     file: &mut File,
     offset: u64,
     len: u64,
     out: &mut W,
     patience: Duration,
+    throttle: Option<&Throttle>,
 ) -> io::Result<u64> {
     #[cfg(target_os = "linux")]
     if let Some(socket) = out.socket() {
         // Each write waits at most a quarter of the patience, so that
         // progress is looked at often enough to give up on time.
         let step = (patience / 4).max(Duration::from_millis(50));
-        return send_watching(file, offset, len, socket, patience, step, queued);
+        let watch = Watch {
+            patience,
+            step,
+            queued,
+        };
+        return send_watching(file, offset, len, socket, &watch, throttle);
     }
-    let _ = patience;
+    let _ = (patience, throttle);
     file.seek(SeekFrom::Start(offset))?;
     io::copy(&mut file.take(len), out)
 }
@@ -61,23 +150,46 @@ pub fn send<W: Outlet>(
 /// a timed-out write judged by the client's progress. `queued` tells how
 /// many bytes the kernel holds for the client, sent or not.
 #[cfg(target_os = "linux")]
+struct Watch {
+    patience: Duration,
+    /// The write timeout: how often progress is looked at.
+    step: Duration,
+    queued: fn(&TcpStream) -> io::Result<u64>,
+}
+
+#[cfg(target_os = "linux")]
 fn send_watching(
     file: &File,
     mut offset: u64,
     len: u64,
     socket: &TcpStream,
-    patience: Duration,
-    step: Duration,
-    queued: fn(&TcpStream) -> io::Result<u64>,
+    watch: &Watch,
+    throttle: Option<&Throttle>,
 ) -> io::Result<u64> {
     use rustix::io::Errno;
+    let Watch {
+        patience,
+        step,
+        queued,
+    } = *watch;
     socket.set_write_timeout(Some(step))?;
     let mut sent = 0;
     let mut moved = Instant::now();
     let mut last_queued = None;
     while sent < len {
-        let want = (len - sent).min(MAX_CHUNK) as usize;
-        match rustix::fs::sendfile(socket, file, Some(&mut offset), want) {
+        let mut want = (len - sent).min(MAX_CHUNK);
+        if let Some(throttle) = throttle {
+            let (granted, waited) = throttle.take(want)?;
+            want = granted;
+            // Time spent waiting for tokens is not the client's slowness.
+            moved += waited;
+        }
+        let result = rustix::fs::sendfile(socket, file, Some(&mut offset), want as usize);
+        if let Some(throttle) = throttle {
+            let used = *result.as_ref().unwrap_or(&0) as u64;
+            throttle.give_back(want - used.min(want));
+        }
+        match result {
             Ok(0) => break,
             // Room in the send buffer: the client took some.
             Ok(n) => {
@@ -216,8 +328,12 @@ mod tests {
         let (server, client) = pair(4096);
         let reader = slow_reader(client);
         let source = file.reopen().unwrap();
-        let step = PATIENCE / 4;
-        let sent = send_watching(&source, 0, LEN as u64, &server, PATIENCE, step, queued)
+        let watch = Watch {
+            patience: PATIENCE,
+            step: PATIENCE / 4,
+            queued,
+        };
+        let sent = send_watching(&source, 0, LEN as u64, &server, &watch, None)
             .expect("a reading client is not given up on");
         assert_eq!(sent, LEN as u64);
         drop(server);
@@ -231,8 +347,15 @@ mod tests {
         let mut source = file.reopen().unwrap();
         let started = Instant::now();
         let patience = Duration::from_millis(500);
-        let err = send(&mut source, 0, content.len() as u64, &mut &server, patience)
-            .expect_err("nobody reads");
+        let err = send(
+            &mut source,
+            0,
+            content.len() as u64,
+            &mut &server,
+            patience,
+            None,
+        )
+        .expect_err("nobody reads");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         let took = started.elapsed();
         assert!(took >= patience && took < patience * 4, "{took:?}");
@@ -245,9 +368,61 @@ mod tests {
         let mut out = Vec::new();
         let mut source = file.reopen().unwrap();
         assert_eq!(
-            send(&mut source, 10, 100, &mut out, Duration::from_secs(1)).unwrap(),
+            send(&mut source, 10, 100, &mut out, Duration::from_secs(1), None).unwrap(),
             100
         );
         assert_eq!(out, &content[10..110]);
+    }
+
+    /// Takes `total` bytes' worth in requests of `each`; returns the time.
+    fn drain(throttle: &Throttle, total: u64, each: u64) -> Duration {
+        let started = Instant::now();
+        let mut taken = 0;
+        while taken < total {
+            let (granted, _) = throttle.take(each.min(total - taken)).unwrap();
+            assert!(granted > 0 && granted <= each);
+            taken += granted;
+        }
+        started.elapsed()
+    }
+
+    #[test]
+    fn a_throttle_lets_a_burst_through_then_holds_to_its_rate() {
+        // 2 MiB/s: a burst of 256 KiB, then 1 MiB takes half a second.
+        let throttle = Throttle::new(2 << 20);
+        assert!(drain(&throttle, 256 << 10, 64 << 10) < Duration::from_millis(100));
+        let took = drain(&throttle, 1 << 20, 64 << 10);
+        assert!(took >= Duration::from_millis(450), "{took:?}");
+        // Given back, tokens can be taken again at once.
+        throttle.give_back(128 << 10);
+        assert!(drain(&throttle, 128 << 10, 128 << 10) < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_throttle_is_shared_by_everyone_who_takes_from_it() {
+        let throttle = Throttle::new(2 << 20);
+        drain(&throttle, 256 << 10, 256 << 10);
+        let started = Instant::now();
+        thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| drain(&throttle, 512 << 10, 64 << 10));
+            }
+        });
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(450), "{took:?}");
+    }
+
+    #[test]
+    fn a_closed_throttle_ends_a_wait_at_once() {
+        let throttle = Throttle::new(1);
+        throttle.take(MIN_BURST).unwrap();
+        let started = Instant::now();
+        thread::scope(|s| {
+            let waiter = s.spawn(|| throttle.take(1000));
+            thread::sleep(Duration::from_millis(50));
+            throttle.close();
+            assert!(waiter.join().unwrap().is_err());
+        });
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }

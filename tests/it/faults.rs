@@ -625,13 +625,26 @@ fn stalling_peer(relay: SocketAddr, size: usize, sent: usize) -> SocketAddr {
     addr
 }
 
+/// Ctrl-C or SIGTERM during a download to a file: exit code 128 + the
+/// signal, and what was verified is kept in `PATH.part` (with its record)
+/// for the same command to continue, and the user is told so; a download
+/// that had nothing verified yet leaves nothing.
 #[test]
-fn an_interrupted_download_exits_128_plus_the_signal_and_leaves_nothing() {
-    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+fn an_interrupted_download_exits_128_plus_the_signal_and_keeps_what_it_verified() {
+    let size = 1 << 20;
+    // Verified groups are handed on in batches of 512 KiB: 600,000 bytes
+    // sent make one batch verified and delivered before the peer stalls.
+    for (signal, code, sent) in [
+        ("TERM", 143, 600_000),
+        ("INT", 130, 600_000),
+        ("INT", 130, 1000),
+    ] {
         let relay = Server::relay_here(|_| {});
-        stalling_peer(relay.addr, 1 << 20, 1000);
+        stalling_peer(relay.addr, size, sent);
         let dest_dir = tempfile::tempdir().unwrap();
         let dest = dest_dir.path().join("f.bin");
+        let part = dest_dir.path().join("f.bin.part");
+        let record = dest_dir.path().join("f.bin.part.ranges");
         let child = Command::new(bin("peer-client"))
             .args(["127.0.0.1", &relay.port(), "get", "f.bin", "-o"])
             .arg(&dest)
@@ -639,23 +652,87 @@ fn an_interrupted_download_exits_128_plus_the_signal_and_leaves_nothing() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        eventually("the download has started", || {
-            fs::read_dir(dest_dir.path()).unwrap().count() == 1
-        });
+        // The first verified bytes are recorded at once; with none, the
+        // download has started once its partial file is there.
+        let verified = sent > 16384;
+        if verified {
+            eventually("the first verified bytes are recorded", || record.exists());
+        } else {
+            eventually("the download has started", || part.exists());
+        }
         let status = Command::new("kill")
             .args([format!("-{signal}"), child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
         let out = wait_output(child);
-        assert_eq!(out.status.code(), Some(code), "{signal}: {}", stderr(&out));
-        assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
-        assert_eq!(
-            fs::read_dir(dest_dir.path()).unwrap().count(),
-            0,
-            "a partial file was left behind"
-        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{signal}: {err}");
+        assert!(err.contains("interrupted"), "{err}");
+        assert!(!dest.exists(), "a partial file under the final name");
+        if verified {
+            let kept = format!(
+                "partial download kept in {}; run the same command again to continue",
+                part.display()
+            );
+            assert!(err.contains(&kept), "{err}");
+            let text = fs::read_to_string(&record).unwrap();
+            let end: usize = text
+                .strip_suffix('\n')
+                .and_then(|t| t.rsplit_once("\nranges 1\n0 "))
+                .and_then(|(_, end)| end.parse().ok())
+                .unwrap_or_else(|| panic!("not one range from 0: {text}"));
+            assert!(
+                end > 0 && end.is_multiple_of(16384) && end <= sent,
+                "{text}"
+            );
+            assert!(
+                fs::read(&part).unwrap()[..end] == vec![b'x'; end][..],
+                "the verified bytes are in the partial file"
+            );
+        } else {
+            assert!(!err.contains("partial download kept"), "{err}");
+            assert_eq!(
+                fs::read_dir(dest_dir.path()).unwrap().count(),
+                0,
+                "a partial file with nothing verified was left behind"
+            );
+        }
     }
+}
+
+/// A download that fails (its only holder stalls) keeps what it verified
+/// for the next run, and says so; the final name is never written.
+#[test]
+fn a_failed_download_keeps_what_it_verified() {
+    let relay = Server::relay_here(|_| {});
+    stalling_peer(relay.addr, 1 << 20, 600_000);
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest = dest_dir.path().join("f.bin");
+    let out = client(
+        relay.addr,
+        &[
+            "--timeout",
+            "1",
+            "get",
+            "f.bin",
+            "-o",
+            dest.to_str().unwrap(),
+        ],
+        "",
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let part = dest_dir.path().join("f.bin.part");
+    let kept = format!(
+        "partial download kept in {}; run the same command again to continue",
+        part.display()
+    );
+    assert!(err.contains(&kept), "{err}");
+    assert!(!dest.exists());
+    let record = fs::read_to_string(dest_dir.path().join("f.bin.part.ranges")).unwrap();
+    // Every group that checked out, also those after the last full batch.
+    assert!(record.ends_with("ranges 1\n0 589824\n"), "{record}");
 }
 
 #[test]

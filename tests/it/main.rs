@@ -11,4 +11,5 @@ mod limits;
 mod msrv;
 mod paths;
 mod phases;
+mod transfers;
 mod ux;
