@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex, TryLockError,
+        Arc, Mutex, OnceLock, TryLockError,
     },
     thread,
     time::{Instant, SystemTime},
@@ -137,6 +137,9 @@ pub struct Library {
     /// The outboard of each content hashed, by its hash, within a budget.
     outboards: Arc<Mutex<Outboards>>,
     background: Arc<AtomicUsize>,
+    /// Called when a background hash is done, so that the announcer can
+    /// tell the relay about the file at once (set once, by the peer).
+    on_hashed: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
     inline_hash_max: u64,
     /// Background hashes finished, for tests to wait on.
     #[cfg(test)]
@@ -270,6 +273,7 @@ impl Library {
             hashes: Arc::default(),
             outboards: Arc::default(),
             background: Arc::default(),
+            on_hashed: Arc::default(),
             inline_hash_max: INLINE_HASH_MAX,
             #[cfg(test)]
             hashed: Arc::default(),
@@ -489,6 +493,7 @@ impl Library {
         let background = Arc::clone(&self.background);
         let hashes = Arc::clone(&self.hashes);
         let outboards = Arc::clone(&self.outboards);
+        let on_hashed = Arc::clone(&self.on_hashed);
         #[cfg(test)]
         let hashed = Arc::clone(&self.hashed);
         #[cfg(test)]
@@ -518,6 +523,9 @@ impl Library {
                 Err(e) => warn!("cannot hash {name:?}: {e}"),
             }
             background.fetch_sub(1, Ordering::SeqCst);
+            if let Some(hook) = on_hashed.get() {
+                hook();
+            }
             #[cfg(test)]
             {
                 let (count, finished) = &*hashed;
@@ -529,6 +537,11 @@ impl Library {
             self.background.fetch_sub(1, Ordering::SeqCst);
         }
         Err(message)
+    }
+
+    /// Has `hook` called after each background hash (once set, for good).
+    pub fn on_hashed(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_hashed.set(Box::new(hook));
     }
 
     /// The outboard of the content `served` (made when it was hashed, or
@@ -558,6 +571,10 @@ impl Library {
             .filter(|e| self.open_hashed(&e.name, true).is_ok())
             .count();
         info!("files hashed: {hashed}, in {:.1?}", started.elapsed());
+        // Big files hashed only now were left out of earlier announcements.
+        if let Some(hook) = self.on_hashed.get() {
+            hook();
+        }
     }
 
     /// Every file `GET` would serve, sorted by name, at most `limit`; says

@@ -201,6 +201,12 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         config.timeout,
         Arc::clone(&peer),
     ));
+    {
+        // A file hashed in the background (a big one) is announced as soon
+        // as its hash is known, not at the next heartbeat.
+        let announcer = Arc::clone(&announcer);
+        peer.library.on_hashed(move || announcer.wake.nudge());
+    }
     let watcher = config.watch.then(|| {
         let announcer = Arc::clone(&announcer);
         watch::folder(peer.library.root(), move || announcer.wake.nudge())

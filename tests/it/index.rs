@@ -301,3 +301,21 @@ fn send_and_close(addr: SocketAddr, request: &[u8]) -> String {
     let _ = stream.read_to_end(&mut reply);
     String::from_utf8_lossy(&reply).into_owned()
 }
+
+#[test]
+fn a_big_file_is_announced_as_soon_as_it_is_hashed() {
+    let relay = Server::relay_here(|_| {});
+    // Over the size hashed while a request waits: hashed apart, after
+    // the peer's first announcement has gone without it.
+    let dir = folder_with(&[("small.txt", b"small\n")]);
+    fs::write(dir.path().join("big.bin"), vec![3u8; 80 << 20]).unwrap();
+    let _peer = Server::peer_here(relay.addr, dir.path(), |c| {
+        c.heartbeat = Duration::from_secs(3600);
+        c.watch = false;
+    });
+    // No heartbeat and no watching in the time allowed: only the end of
+    // the hash can bring it to the relay.
+    eventually("the big file is indexed", || {
+        listed(relay.addr, &[]) == ["big.bin", "small.txt"]
+    });
+}
