@@ -63,6 +63,9 @@ pub(crate) struct Announcer {
     left_out: AtomicUsize,
     /// The time of the last signed request.
     last_ts: AtomicU64,
+    /// The last list computed left files out because they were still
+    /// being hashed (or over a limit): a finished hash is then news.
+    incomplete: AtomicBool,
 }
 
 /// A flag and a condition variable: "something changed, announce now".
@@ -136,6 +139,7 @@ impl Announcer {
             legacy: AtomicBool::new(false),
             left_out: AtomicUsize::new(0),
             last_ts: AtomicU64::new(0),
+            incomplete: AtomicBool::new(false),
         }
     }
 
@@ -204,6 +208,14 @@ impl Announcer {
         self.unregister();
     }
 
+    /// A hash was finished: announce at once if the last list lacked files
+    /// (a big file that was still being hashed), not otherwise.
+    pub(crate) fn hashed(&self) {
+        if self.incomplete.load(Ordering::SeqCst) {
+            self.wake.nudge();
+        }
+    }
+
     /// Called after the shutdown signal: wakes the announcer, lets an
     /// announcement in flight finish for up to `patience`, so that the
     /// relay has carried it out before it hears UNREGISTER, then cuts it
@@ -236,6 +248,7 @@ impl Announcer {
             .library
             .holdings(MAX_FILES)
             .map_err(AnnounceError::Folder)?;
+        self.incomplete.store(left_out > 0, Ordering::SeqCst);
         let request = Request::Announce {
             port: self.port,
             digest: ListDigest::of(&files),

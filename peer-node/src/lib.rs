@@ -205,7 +205,7 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         // A file hashed in the background (a big one) is announced as soon
         // as its hash is known, not at the next heartbeat.
         let announcer = Arc::clone(&announcer);
-        peer.library.on_hashed(move || announcer.wake.nudge());
+        peer.library.on_hashed(move || announcer.hashed());
     }
     let watcher = config.watch.then(|| {
         let announcer = Arc::clone(&announcer);
