@@ -608,7 +608,9 @@ mod tests {
         for c in &held {
             assert_eq!(first_line(c), "done\n");
         }
-        // Slots come back: a new connection is served, by a reused thread.
+        // Slots come back (just after the handlers have answered): a new
+        // connection is served, by a reused thread.
+        until("the slots are back", || server.connections().open() == 0);
         let again = waiting(server.local_addr());
         seen.recv_timeout(Duration::from_secs(10)).unwrap();
         release.send(()).unwrap();
