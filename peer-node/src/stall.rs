@@ -316,7 +316,7 @@ mod tests {
         })
     }
 
-    const LEN: usize = 1 << 20;
+    const LEN: usize = 512 << 10;
     const PATIENCE: Duration = Duration::from_millis(200);
 
     /// A client that reads steadily (about 200 KB/s), but too slowly for
