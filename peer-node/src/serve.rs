@@ -125,6 +125,33 @@ fn respond<W: Outlet>(
     })
 }
 
+/// Sends `want` bytes of `file` from `start`: by sendfile, within the
+/// upload cap; a slow client is given up on only once it has taken
+/// nothing for the write timeout.
+fn send_bytes<W: Outlet>(
+    peer: &Peer,
+    file: &mut std::fs::File,
+    out: &mut W,
+    name: &FileName,
+    start: u64,
+    want: u64,
+) -> Result<u64, SendError> {
+    debug!("sending {want} bytes of {name:?} from {start}");
+    let sent = stall::send(
+        file,
+        start,
+        want,
+        out,
+        peer.write_timeout,
+        peer.throttle.as_ref(),
+    )
+    .map_err(SendError::Broke)?;
+    if sent < want {
+        return Err(SendError::Shrank { sent, want });
+    }
+    Ok(sent)
+}
+
 /// Sends the header and the file from `offset`; returns a log summary.
 fn send_file<W: Outlet>(
     peer: &Peer,
@@ -157,22 +184,7 @@ fn send_file<W: Outlet>(
         hash: served.hash,
     })
     .write_to(out)?;
-    // File to socket by sendfile; a slow client is given up on only once
-    // it has taken nothing for the write timeout.
-    let want = served.size - offset;
-    debug!("sending {want} bytes of {name:?} from {offset}");
-    let sent = stall::send(
-        &mut file,
-        offset,
-        want,
-        out,
-        peer.write_timeout,
-        peer.throttle.as_ref(),
-    )
-    .map_err(SendError::Broke)?;
-    if sent < want {
-        return Err(SendError::Shrank { sent, want });
-    }
+    let sent = send_bytes(peer, &mut file, out, name, offset, served.size - offset)?;
     Ok(format!("sent {sent} bytes"))
 }
 
@@ -268,20 +280,7 @@ fn send_range<W: Outlet>(
     proof::encode_proof(&outboard, start, end, &mut head)?;
     out.write_all(&head)?;
     let mut file = served.file;
-    let want = end - start;
-    debug!("sending {want} bytes of {name:?} from {start}");
-    let sent = stall::send(
-        &mut file,
-        start,
-        want,
-        out,
-        peer.write_timeout,
-        peer.throttle.as_ref(),
-    )
-    .map_err(SendError::Broke)?;
-    if sent < want {
-        return Err(SendError::Shrank { sent, want });
-    }
+    let sent = send_bytes(peer, &mut file, out, name, start, end - start)?;
     let proof = head.len() - head.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
     Ok(format!("sent {sent} bytes and a proof of {proof} bytes"))
 }

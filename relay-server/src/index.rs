@@ -252,16 +252,7 @@ impl Inner {
             digest,
             files: Vec::with_capacity(files),
         };
-        let id = match self.free_peers.pop() {
-            Some(id) => {
-                self.peers[id as usize] = Some(peer);
-                id
-            }
-            None => {
-                self.peers.push(Some(peer));
-                (self.peers.len() - 1) as PeerId
-            }
-        };
+        let id = put(&mut self.peers, &mut self.free_peers, peer);
         self.peer_ids.insert(addr, id);
         id
     }
@@ -329,16 +320,7 @@ impl Inner {
                 .copied()
                 .unwrap_or(NONE),
         };
-        let id = match self.free_versions.pop() {
-            Some(id) => {
-                self.versions[id as usize] = Some(version);
-                id
-            }
-            None => {
-                self.versions.push(Some(version));
-                (self.versions.len() - 1) as VersionId
-            }
-        };
+        let id = put(&mut self.versions, &mut self.free_versions, version);
         self.names.insert(name, id);
         self.by_hash.insert(prefix(&file.hash), id);
         id
@@ -448,6 +430,20 @@ impl Inner {
             }
         }
         out
+    }
+}
+
+/// Puts `item` in a free slot of `slots` (or a new one); returns its number.
+fn put<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<u32>, item: T) -> u32 {
+    match free.pop() {
+        Some(id) => {
+            slots[id as usize] = Some(item);
+            id
+        }
+        None => {
+            slots.push(Some(item));
+            (slots.len() - 1) as u32
+        }
     }
 }
 
