@@ -17,7 +17,7 @@ use protocol::{
 };
 
 use crate::{
-    files::Library,
+    files::{Library, Served},
     stall::{self, Outlet},
 };
 
@@ -152,6 +152,23 @@ fn send_bytes<W: Outlet>(
     Ok(sent)
 }
 
+/// Opens `name` for serving; when the library refuses, answers the refusal
+/// and gives back its log summary instead.
+fn open_or_refuse<W: Outlet>(
+    peer: &Peer,
+    out: &mut W,
+    name: &FileName,
+) -> Result<Result<Served, String>, SendError> {
+    match peer.library.open_file(name) {
+        Ok(served) => Ok(Ok(served)),
+        Err(refusal) => {
+            let summary = format!("refused: {refusal}");
+            Response::Error((&refusal).into()).write_to(out)?;
+            Ok(Err(summary))
+        }
+    }
+}
+
 /// Sends the header and the file from `offset`; returns a log summary.
 fn send_file<W: Outlet>(
     peer: &Peer,
@@ -159,13 +176,9 @@ fn send_file<W: Outlet>(
     name: &FileName,
     offset: u64,
 ) -> Result<String, SendError> {
-    let served = match peer.library.open_file(name) {
+    let served = match open_or_refuse(peer, out, name)? {
         Ok(served) => served,
-        Err(refusal) => {
-            let summary = format!("refused: {refusal}");
-            Response::Error((&refusal).into()).write_to(out)?;
-            return Ok(summary);
-        }
+        Err(summary) => return Ok(summary),
     };
     if offset > served.size {
         let reply = ErrorReply::new(
@@ -188,21 +201,17 @@ fn send_file<W: Outlet>(
     Ok(format!("sent {sent} bytes"))
 }
 
-/// Answers the size and hash of a file, as `GET` would, without content.
-/// The size and hash of `name`; with a nonce, signed by this peer's key.
+/// Answers the size and hash of `name`, as `GET` would, without content;
+/// with a nonce, signed by this peer's key.
 fn send_head<W: Outlet>(
     peer: &Peer,
     out: &mut W,
     name: &FileName,
     nonce: Option<[u8; 16]>,
 ) -> Result<String, SendError> {
-    let served = match peer.library.open_file(name) {
+    let served = match open_or_refuse(peer, out, name)? {
         Ok(served) => served,
-        Err(refusal) => {
-            let summary = format!("refused: {refusal}");
-            Response::Error((&refusal).into()).write_to(out)?;
-            return Ok(summary);
-        }
+        Err(summary) => return Ok(summary),
     };
     let header = FileHeader {
         size: served.size,
@@ -243,13 +252,9 @@ fn send_range<W: Outlet>(
         Ok(summary)
     };
     let changed = || ErrorCode::Other(CHANGED.into());
-    let served = match peer.library.open_file(name) {
+    let served = match open_or_refuse(peer, out, name)? {
         Ok(served) => served,
-        Err(refusal) => {
-            let summary = format!("refused: {refusal}");
-            Response::Error((&refusal).into()).write_to(out)?;
-            return Ok(summary);
-        }
+        Err(summary) => return Ok(summary),
     };
     if served.hash != *hash {
         let message = format!("{name:?} has other content now (hash {})", served.hash);
