@@ -214,17 +214,17 @@ impl Holder {
     }
 
     pub(crate) fn parse(line: &str) -> Result<Self, ProtocolError> {
-        let mut words = line.split(' ');
+        // `<addr> <key>` and then a `Listed` line: parse that tail as one.
+        let mut words = line.splitn(3, ' ');
         let mut next = |what| words.next().ok_or(ProtocolError::Missing(what));
         let addr = next("address")?.parse()?;
         let key = next("key")?.parse()?;
-        let size = parse_num("size", next("size")?)?;
-        let hash = parse_hash(next("hash")?)?;
-        let holders = parse_num("holders", next("holders")?)?;
-        let name = FileName::decode(next("name")?)?;
-        if let Some(extra) = words.next() {
-            return Err(ProtocolError::Unexpected(extra.to_string()));
-        }
+        let Listed {
+            name,
+            size,
+            hash,
+            holders,
+        } = Listed::parse(next("size")?)?;
         Ok(Holder {
             addr,
             key,
