@@ -438,16 +438,28 @@ fn relay_naming(
 #[test]
 fn corrupt_content_is_discarded_and_fetched_again_elsewhere() {
     let content = b"the real content\n";
-    let good = folder_with(&[("f.txt", content)]);
-    let net = Network::start(&[good.path()]);
-    let liar = answering(net.relay.addr, |line| {
-        range_reply(content, line, |bytes| bytes[4..8].copy_from_slice(b"FAKE"))
+    let net = Network::start(&[]);
+    // Both sources start at once and one piece covers the file: the honest
+    // one holds its bytes back until the liar has been asked, so the liar
+    // is asked on every run, however the threads are scheduled.
+    let (asked, liar_asked) = std::sync::mpsc::channel();
+    let liar = answering(net.relay.addr, move |line| {
+        let reply = range_reply(content, line, |bytes| bytes[4..8].copy_from_slice(b"FAKE"));
+        if line.contains(" RANGE ") {
+            let _ = asked.send(());
+        }
+        reply
     });
-    // The liar first, always.
+    let honest = answering(net.relay.addr, move |line| {
+        if line.contains(" RANGE ") {
+            let _ = liar_asked.recv_timeout(Duration::from_secs(10));
+        }
+        range_reply(content, line, |_| {})
+    });
     let (size, hash) = (content.len() as u64, blake3::hash(content));
     let relay = relay_listing(
         net.relay.addr,
-        vec![(liar, size, hash), (net.peers[0].addr, size, hash)],
+        vec![(liar, size, hash), (honest, size, hash)],
     );
 
     let dest_dir = tempfile::tempdir().unwrap();
