@@ -16,17 +16,22 @@ pub enum BindError {
     /// The `--allow-keys` file.
     #[error(transparent)]
     AllowKeys(#[from] AllowError),
+    /// The `--store` URL.
+    #[error(transparent)]
+    Store(#[from] RedisUrlError),
 }
 
-mod index;
 mod limits;
-mod registry;
+mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod trust;
 
 pub use trust::AllowError;
 mod serve;
 
 pub use limits::SourceLimits;
+pub use store::{RedisTarget, RedisUrlError, StoreConfig};
 
 use std::{net::SocketAddr, sync::Arc, thread::JoinHandle, time::Duration};
 
@@ -64,6 +69,8 @@ pub struct Config {
     pub allow_keys: Option<std::path::PathBuf>,
     /// A private network's secret: lookups must carry a MAC made with it.
     pub network_secret: Option<[u8; 32]>,
+    /// Where the live peers, the index and the counters are kept.
+    pub store: StoreConfig,
 }
 
 impl Default for Config {
@@ -82,6 +89,7 @@ impl Default for Config {
             limits: SourceLimits::default(),
             allow_keys: None,
             network_secret: None,
+            store: StoreConfig::Memory,
         }
     }
 }
@@ -116,7 +124,13 @@ pub fn bind(config: Config) -> Result<Relay, BindError> {
         config.ttl,
         config.max_registered,
     )?;
-    let state = Arc::new(serve::State::new(&config, Arc::clone(&connections), trust));
+    let store = store::open(&config)?;
+    let state = Arc::new(serve::State::new(
+        &config,
+        store,
+        Arc::clone(&connections),
+        trust,
+    ));
     let sweeper = {
         let (state, shutdown) = (Arc::clone(&state), Arc::clone(&shutdown));
         spawn_thread("sweeper", move || state.sweep(&shutdown))?
@@ -126,7 +140,11 @@ pub fn bind(config: Config) -> Result<Relay, BindError> {
         Arc::new(move |stream| state.handle(stream))
     };
     let server = Server::spawn(listener, limits, shutdown, connections, handler)?;
-    info!("relay listening on {local} (ttl {}s)", config.ttl.as_secs());
+    info!(
+        "relay listening on {local} (ttl {}s, store {:?})",
+        config.ttl.as_secs(),
+        config.store
+    );
     Ok(Relay {
         server,
         state,

@@ -65,6 +65,11 @@ struct Args {
     /// file of 64 hex digits, mode 0600)
     #[arg(long, env = "RELAY_NETWORK_SECRET", value_name = "FILE")]
     network_secret: Option<std::path::PathBuf>,
+    /// Keep the live peers, the index and the counters on this Redis
+    /// server (redis://HOST:PORT/DB) instead of in memory: several relays
+    /// on one Redis serve one network, and a restart loses nothing
+    #[arg(long, env = "RELAY_STORE", value_name = "URL", value_parser = parse_store)]
+    store: Option<relay_server::RedisTarget>,
     /// Close a connection that sends or accepts nothing for this many seconds
     #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     idle_timeout: u64,
@@ -113,6 +118,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         allow_keys: args.allow_keys.clone(),
         network_secret,
+        store: args.store.map_or(
+            relay_server::StoreConfig::Memory,
+            relay_server::StoreConfig::Redis,
+        ),
     })?;
     if args.allow_keys.is_some() {
         let reload = relay.key_reloader();
@@ -138,4 +147,9 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         Ok(rate) if (0.0..=1e6).contains(&rate) => Ok(rate),
         _ => Err(format!("{s:?} is not a rate from 0 to 1000000")),
     }
+}
+
+/// `--store`: a Redis URL.
+fn parse_store(s: &str) -> Result<relay_server::RedisTarget, String> {
+    relay_server::RedisTarget::parse(s).map_err(|e| e.to_string())
 }

@@ -9,6 +9,8 @@ use std::{
 
 use protocol::{identity::PeerKey, PeerAddr};
 
+use super::{Refusal, Registered};
+
 /// Live peers with the time each was last heard from and the key that owns
 /// the entry.
 ///
@@ -40,30 +42,6 @@ struct Entry {
     last_ts: u64,
 }
 
-/// What a registration did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Registered {
-    New,
-    Refreshed,
-    /// The key was listed at another address, which it leaves.
-    Moved {
-        from: PeerAddr,
-    },
-    /// The registry holds `capacity` peers already.
-    Full,
-    /// Another key's live entry holds the address.
-    Taken,
-    /// The request is not newer than one already accepted from this key.
-    Replayed,
-}
-
-/// Why an unregistration was refused.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refusal {
-    Taken,
-    Replayed,
-}
-
 impl Registry {
     pub fn new(ttl: Duration, capacity: usize) -> Self {
         Registry {
@@ -71,10 +49,6 @@ impl Registry {
             capacity,
             inner: Mutex::default(),
         }
-    }
-
-    pub fn ttl(&self) -> Duration {
-        self.ttl
     }
 
     /// Lists `peer` for `key`, or refreshes it; `ts` is the time in the

@@ -20,18 +20,13 @@ use protocol::{
     ContentHash, FileName, PeerAddr,
 };
 
+use super::{Page, Refused, MAX_VERSIONS, SCAN_BUDGET};
+
 type PeerId = u32;
 type VersionId = u32;
 
-/// The most versions of one name a `WHO` reply describes.
-const MAX_VERSIONS: usize = 16;
-/// The most names one `LS` page looks at, matching or not, so that a
-/// pattern that matches little cannot make one request walk everything.
-const SCAN_BUDGET: usize = 100_000;
-
 pub struct Index {
     inner: RwLock<Inner>,
-    max_files_per_peer: usize,
     max_holdings: usize,
 }
 
@@ -82,30 +77,12 @@ fn prefix(hash: &ContentHash) -> u64 {
     u64::from_le_bytes(first)
 }
 
-/// Why a list was not indexed.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refused {
-    /// The index is at its cap on holdings.
-    Full { max: usize },
-}
-
-/// A page of the listing.
-pub struct Page {
-    pub entries: Vec<Listed>,
-    pub next: Option<FileName>,
-}
-
 impl Index {
-    pub fn new(max_files_per_peer: usize, max_holdings: usize) -> Self {
+    pub fn new(max_holdings: usize) -> Self {
         Index {
             inner: RwLock::default(),
-            max_files_per_peer,
             max_holdings,
         }
-    }
-
-    pub fn max_files_per_peer(&self) -> usize {
-        self.max_files_per_peer
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -492,7 +469,7 @@ mod tests {
 
     #[test]
     fn holders_follow_offers_and_removals() {
-        let index = Index::new(100, 1000);
+        let index = Index::new(1000);
         offer(&index, 1, &[holding("a", "x"), holding("b", "y")]).unwrap();
         offer(&index, 2, &[holding("a", "x")]).unwrap();
         offer(&index, 3, &[holding("a", "x")]).unwrap();
@@ -521,7 +498,7 @@ mod tests {
 
     #[test]
     fn a_new_list_replaces_the_old_one() {
-        let index = Index::new(100, 1000);
+        let index = Index::new(1000);
         offer(&index, 1, &[holding("a", "x"), holding("b", "y")]).unwrap();
         let files = [holding("b", "y"), holding("c", "z")];
         offer(&index, 1, &files).unwrap();
@@ -533,7 +510,7 @@ mod tests {
 
     #[test]
     fn versions_come_most_held_first_and_content_is_found_under_any_name() {
-        let index = Index::new(100, 1000);
+        let index = Index::new(1000);
         offer(&index, 1, &[holding("a", "old")]).unwrap();
         offer(&index, 2, &[holding("a", "new"), holding("copy", "old")]).unwrap();
         offer(&index, 3, &[holding("a", "new")]).unwrap();
@@ -550,7 +527,7 @@ mod tests {
 
     #[test]
     fn versions_leave_their_chains_from_any_place() {
-        let index = Index::new(100, 1000);
+        let index = Index::new(1000);
         // Three versions of one name, held by one peer each.
         for (port, content) in [(1, "v1"), (2, "v2"), (3, "v3")] {
             offer(&index, port, &[holding("a", content)]).unwrap();
@@ -583,7 +560,7 @@ mod tests {
 
     #[test]
     fn samples_are_capped_and_random() {
-        let index = Index::new(100, 100_000);
+        let index = Index::new(100_000);
         for port in 1..=300 {
             offer(&index, port, &[holding("popular", "p")]).unwrap();
         }
@@ -599,7 +576,7 @@ mod tests {
 
     #[test]
     fn the_holdings_cap_refuses_and_keeps_the_old_list() {
-        let index = Index::new(100, 3);
+        let index = Index::new(3);
         offer(&index, 1, &[holding("a", "x"), holding("b", "y")]).unwrap();
         assert_eq!(
             offer(&index, 2, &[holding("c", "1"), holding("d", "2")]),
@@ -617,7 +594,7 @@ mod tests {
 
     #[test]
     fn pages_cover_every_match_once_in_order() {
-        let index = Index::new(5000, 100_000);
+        let index = Index::new(100_000);
         let files: Vec<Holding> = (0..2500)
             .map(|i| holding(&format!("dir{}/f{i:04}.txt", i % 2), "c"))
             .collect();

@@ -1,0 +1,753 @@
+//! The store on Redis, which several relays share: a peer registered
+//! through one is found through any, and a relay that stops loses nothing.
+//!
+//! Every operation is one round trip: a Lua script (redis.lua's helpers
+//! followed by the operation's body) that reads and changes several keys
+//! atomically, so relays never see each other's half-done changes. Times
+//! are the Redis server's (`TIME`), so relays need not agree on the clock
+//! for expiry. The layout of the keys is at the top of redis.lua. One Redis
+//! server, not a cluster: scripts name keys of their own making.
+//!
+//! When Redis does not answer, every operation fails at once with
+//! [`Unavailable`] for a while (the relay answers `ERR busy retry-after`),
+//! then is tried again, the wait doubling up to [`MAX_BACKOFF`]; the
+//! sweeper pings meanwhile, so the relay recovers by itself.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use globset::GlobMatcher;
+use log::{debug, info, warn};
+use protocol::{
+    identity::PeerKey,
+    index::{Holder, Holding, ListDigest, Listed, MAX_REPLY_LINES},
+    ContentHash, FileName, PeerAddr,
+};
+use redis::{Connection, ConnectionLike, RedisError, Script};
+
+use super::{
+    Page, RedisTarget, Refusal, Refused, Registered, Store, Stored, Unavailable, MAX_VERSIONS,
+    SCAN_BUDGET,
+};
+
+/// The longest wait between two tries while Redis is unavailable.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(4);
+/// The first wait after a failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// Connections kept to Redis: scripts are short and Redis runs one at a
+/// time, so more would only queue there.
+const POOL_SIZE: u32 = 32;
+/// Peers expired by one sweep script, so that one call stays short.
+const SWEEP_BATCH: usize = 1000;
+/// Names read by one listing script.
+const LIST_BATCH: usize = 1000;
+/// The prefix of every key, as in redis.lua.
+const PREFIX: &str = "rp2p:";
+
+/// Why a `--store` URL was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid redis URL {url:?}: {reason}")]
+pub struct RedisUrlError {
+    url: String,
+    reason: String,
+}
+
+/// Checks that `url` names a Redis server this build can reach.
+pub(super) fn check_url(url: &str) -> Result<(), RedisUrlError> {
+    let refuse = |reason: String| RedisUrlError {
+        url: without_password(url),
+        reason,
+    };
+    if !url.starts_with("redis://") && !url.starts_with("redis+unix://") {
+        return Err(refuse("expected redis://HOST:PORT/DB".into()));
+    }
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| refuse(e.to_string()))
+}
+
+/// `url` with its password, if any, replaced by `***`, for logs and errors.
+pub(super) fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{scheme}://{name}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// Opens connections for the pool, each with the store's timeouts (the
+/// `redis` crate's own pool support connects without one).
+struct Connector {
+    client: redis::Client,
+    timeout: Duration,
+}
+
+impl r2d2::ManageConnection for Connector {
+    type Connection = Connection;
+    type Error = RedisError;
+
+    fn connect(&self) -> Result<Connection, RedisError> {
+        let con = self.client.get_connection_with_timeout(self.timeout)?;
+        con.set_read_timeout(Some(self.timeout))?;
+        con.set_write_timeout(Some(self.timeout))?;
+        Ok(con)
+    }
+
+    fn is_valid(&self, con: &mut Connection) -> Result<(), RedisError> {
+        redis::cmd("PING").query::<String>(con).map(drop)
+    }
+
+    fn has_broken(&self, con: &mut Connection) -> bool {
+        !con.is_open()
+    }
+}
+
+/// Failed attempts to connect are the store's to report (once, with the
+/// backoff), not the pool's (once per attempt).
+#[derive(Debug)]
+struct QuietErrors;
+
+impl r2d2::HandleError<RedisError> for QuietErrors {
+    fn handle_error(&self, error: RedisError) {
+        debug!("redis: cannot connect: {error}");
+    }
+}
+
+/// Whether Redis answers, and when to try again if not.
+#[derive(Default)]
+struct Health {
+    down: Option<Down>,
+}
+
+struct Down {
+    since: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+    why: String,
+}
+
+/// The scripts, each compiled once (the `redis` crate loads a script into
+/// a Redis that does not know it yet, after a restart too).
+struct Scripts {
+    register: Script,
+    unregister: Script,
+    sweep: Script,
+    sample: Script,
+    replace: Script,
+    who: Script,
+    who_has: Script,
+    list: Script,
+}
+
+const PRELUDE: &str = include_str!("redis.lua");
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{body}"))
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            // ARGV: addr key ts ttl_ms keep_ms capacity
+            register: script(
+                r#"
+local addr, key, ts = ARGV[1], ARGV[2], ARGV[3]
+local ttl, keep, capacity = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if stale(key, ts) then return 'replayed' end
+local now = now_ms()
+local pk, kk = P .. 'p:' .. addr, P .. 'k:' .. key
+local owner = redis.call('HGET', pk, 'key')
+if owner == key then
+  redis.call('ZADD', P .. 'live', now + ttl, addr)
+  redis.call('HSET', kk, 'addr', addr, 'ts', ts)
+  redis.call('PEXPIRE', kk, keep)
+  return 'refreshed'
+end
+if owner then
+  local expires = tonumber(redis.call('ZSCORE', P .. 'live', addr) or '0')
+  if expires >= now then return 'taken' end
+  drop(addr)
+end
+local from = redis.call('HGET', kk, 'addr')
+if from == addr then from = false end
+if not owner and not from and redis.call('ZCARD', P .. 'live') >= capacity then
+  return 'full'
+end
+if from and redis.call('HGET', P .. 'p:' .. from, 'key') == key then drop(from) end
+redis.call('HSET', pk, 'key', key)
+redis.call('ZADD', P .. 'live', now + ttl, addr)
+redis.call('HSET', kk, 'addr', addr, 'ts', ts)
+redis.call('PEXPIRE', kk, keep)
+if from then return 'moved ' .. from end
+return 'new'
+"#,
+            ),
+            // ARGV: addr key ts keep_ms
+            unregister: script(
+                r#"
+local addr, key, ts = ARGV[1], ARGV[2], ARGV[3]
+if stale(key, ts) then return 'replayed' end
+local owner = redis.call('HGET', P .. 'p:' .. addr, 'key')
+if owner and owner ~= key then return 'taken' end
+if owner then drop(addr) end
+local kk = P .. 'k:' .. key
+redis.call('HSET', kk, 'ts', ts)
+redis.call('PEXPIRE', kk, tonumber(ARGV[4]))
+if owner then return 'removed' end
+return 'absent'
+"#,
+            ),
+            // ARGV: limit
+            sweep: script(
+                r#"
+local gone = redis.call('ZRANGEBYSCORE', P .. 'live', '-inf', '(' .. now_ms(),
+  'LIMIT', 0, tonumber(ARGV[1]))
+for _, addr in ipairs(gone) do drop(addr) end
+return gone
+"#,
+            ),
+            // ARGV: max. Flat: ADDR KEY ...
+            sample: script(
+                r#"
+local max, now = tonumber(ARGV[1]), now_ms()
+local picked = redis.call('ZRANDMEMBER', P .. 'live', max * 2, 'WITHSCORES')
+local out = {}
+for i = 1, #picked, 2 do
+  if #out >= 2 * max then break end
+  if tonumber(picked[i + 1]) >= now then
+    local key = redis.call('HGET', P .. 'p:' .. picked[i], 'key')
+    if key then
+      table.insert(out, picked[i])
+      table.insert(out, key)
+    end
+  end
+end
+return out
+"#,
+            ),
+            // ARGV: addr key digest max_holdings count files
+            replace: script(
+                r#"
+local addr, key, digest = ARGV[1], ARGV[2], ARGV[3]
+local max, n, blob = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local pk = P .. 'p:' .. addr
+if redis.call('HGET', pk, 'key') ~= key then return -1 end
+local old = tonumber(redis.call('HGET', pk, 'count') or '0')
+local held = tonumber(redis.call('GET', P .. 'holdings') or '0')
+if held - old + n > max then return -2 end
+unindex(addr)
+for size, hash, name in string.gmatch(blob, '(%d+) (%x+) ([^\n]+)\n') do
+  redis.call('SADD', P .. 'v:' .. size .. ' ' .. hash .. ' ' .. name, addr)
+  redis.call('SADD', P .. 'n:' .. name, size .. ' ' .. hash)
+  redis.call('SADD', P .. 'h:' .. hash, size .. ' ' .. name)
+  redis.call('ZADD', P .. 'names', 0, name)
+end
+redis.call('HSET', pk, 'files', blob, 'digest', digest, 'count', n)
+redis.call('INCRBY', P .. 'holdings', n)
+return n
+"#,
+            ),
+            // ARGV: name per maxv room
+            who: script(
+                r#"
+local name = ARGV[1]
+local versions = {}
+for _, v in ipairs(redis.call('SMEMBERS', P .. 'n:' .. name)) do
+  table.insert(versions, v .. ' ' .. name)
+end
+return holders(versions, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+"#,
+            ),
+            // ARGV: hash per maxv room
+            who_has: script(
+                r#"
+local hash = ARGV[1]
+local versions = {}
+for _, v in ipairs(redis.call('SMEMBERS', P .. 'h:' .. hash)) do
+  local size, name = string.match(v, '^(%d+) (.+)$')
+  table.insert(versions, size .. ' ' .. hash .. ' ' .. name)
+end
+return holders(versions, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+"#,
+            ),
+            // ARGV: after ('' for the start) limit. Flat: NAME N, then N
+            // times SIZE HASH COUNT.
+            list: script(
+                r#"
+local start = '-'
+if ARGV[1] ~= '' then start = '(' .. ARGV[1] end
+local names = redis.call('ZRANGEBYLEX', P .. 'names', start, '+', 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, name in ipairs(names) do
+  local versions = redis.call('SMEMBERS', P .. 'n:' .. name)
+  table.insert(out, name)
+  table.insert(out, tostring(#versions))
+  for _, v in ipairs(versions) do
+    local size, hash = string.match(v, '^(%d+) (%x+)$')
+    table.insert(out, size)
+    table.insert(out, hash)
+    table.insert(out, tostring(redis.call('SCARD', P .. 'v:' .. v .. ' ' .. name)))
+  end
+end
+return out
+"#,
+            ),
+        }
+    }
+}
+
+/// The relay's state on a Redis server.
+pub struct RedisStore {
+    pool: r2d2::Pool<Connector>,
+    target: String,
+    scripts: Scripts,
+    health: Mutex<Health>,
+    ttl: Duration,
+    retention: Duration,
+    capacity: usize,
+    max_holdings: usize,
+}
+
+impl RedisStore {
+    /// A store on `target` with the relay's limits. Connects lazily: a
+    /// relay starts while Redis is down, and answers once it is up.
+    pub fn new(
+        target: &RedisTarget,
+        ttl: Duration,
+        capacity: usize,
+        max_holdings: usize,
+        retention: Duration,
+    ) -> Result<Self, super::RedisUrlError> {
+        check_url(target.url())?;
+        let client = redis::Client::open(target.url()).map_err(|e| RedisUrlError {
+            url: target.display(),
+            reason: e.to_string(),
+        })?;
+        let pool = r2d2::Pool::builder()
+            .max_size(POOL_SIZE)
+            // No connections held while idle, none opened at start.
+            .min_idle(Some(0))
+            .connection_timeout(target.timeout)
+            .error_handler(Box::new(QuietErrors))
+            .build_unchecked(Connector {
+                client,
+                timeout: target.timeout,
+            });
+        Ok(RedisStore {
+            pool,
+            target: target.display(),
+            scripts: Scripts::new(),
+            health: Mutex::default(),
+            ttl,
+            retention,
+            capacity,
+            max_holdings,
+        })
+    }
+
+    /// Runs `op` on a pooled connection, unless Redis failed lately and
+    /// its next try is not due; keeps the health up to date.
+    fn run<T>(&self, op: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Stored<T> {
+        if let Some(why) = self.waiting() {
+            return Err(Unavailable(why));
+        }
+        let result = match self.pool.get() {
+            // A connection whose reply came too late skips it before the
+            // next (the crate's doing); one that was closed is not reused
+            // (`has_broken`).
+            Ok(mut con) => op(&mut con),
+            Err(e) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no connection within {:?}: {e}",
+                    self.pool.connection_timeout()
+                ),
+            ))),
+        };
+        match result {
+            Ok(value) => {
+                self.up();
+                Ok(value)
+            }
+            // Any error, the server's own too (a Redis still loading its
+            // data, out of memory): wait before asking again.
+            Err(e) => Err(Unavailable(self.failed(&e))),
+        }
+    }
+
+    /// While a failure's backoff runs: why the store is unavailable.
+    fn waiting(&self) -> Option<String> {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let down = health.down.as_ref()?;
+        let left = down.retry_at.checked_duration_since(Instant::now())?;
+        Some(format!(
+            "redis at {}: {}; next try in {}ms",
+            self.target,
+            down.why,
+            left.as_millis()
+        ))
+    }
+
+    fn up(&self) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(down) = health.down.take() {
+            info!(
+                "redis at {} answers again, after {:.1?}",
+                self.target,
+                down.since.elapsed()
+            );
+        }
+    }
+
+    /// Notes a failure; returns its description.
+    fn failed(&self, e: &RedisError) -> String {
+        let why = describe(e);
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let backoff = match &health.down {
+            Some(down) => (down.backoff * 2).min(MAX_BACKOFF),
+            None => {
+                warn!(
+                    "redis at {} is unavailable ({why}): answering ERR busy, trying again with backoff",
+                    self.target
+                );
+                FIRST_BACKOFF
+            }
+        };
+        let since = health.down.as_ref().map_or(now, |d| d.since);
+        health.down = Some(Down {
+            since,
+            retry_at: now + backoff,
+            backoff,
+            why: why.clone(),
+        });
+        format!("redis at {}: {why}", self.target)
+    }
+
+    fn ms(d: Duration) -> u64 {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A Redis error in a few words, without the crate's debug detail.
+fn describe(e: &RedisError) -> String {
+    if e.is_connection_refusal() {
+        "connection refused".into()
+    } else if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connection_dropped() {
+        "connection lost".into()
+    } else {
+        e.to_string()
+    }
+}
+
+/// Turns a script's flat reply of holders into `Holder`s; entries that do
+/// not parse (a store written by something else) are skipped.
+fn parse_holders(flat: &[String]) -> Vec<Holder> {
+    let mut out = Vec::new();
+    let mut rest = flat;
+    while let [size, hash, name, count, n, tail @ ..] = rest {
+        let n: usize = n.parse().unwrap_or(0).min(tail.len() / 2);
+        let version = (
+            size.parse::<u64>(),
+            hash.parse::<ContentHash>(),
+            FileName::new(name),
+            count.parse::<u64>(),
+        );
+        if let (Ok(size), Ok(hash), Ok(name), Ok(holders)) = version {
+            for pair in tail[..n * 2].chunks_exact(2) {
+                if let (Ok(addr), Ok(key)) = (pair[0].parse(), pair[1].parse()) {
+                    out.push(Holder {
+                        addr,
+                        key,
+                        name: name.clone(),
+                        size,
+                        hash,
+                        holders,
+                    });
+                }
+            }
+        }
+        rest = &tail[n * 2..];
+    }
+    out
+}
+
+/// `files` as the `files` field of a peer's entry: one line per holding.
+fn encode_files(files: &[Holding]) -> String {
+    let mut blob = String::with_capacity(files.len() * 96);
+    for f in files {
+        // Names hold no control characters, so a newline ends each.
+        blob.push_str(&format!("{} {} {}\n", f.size, f.hash, f.name.as_str()));
+    }
+    blob
+}
+
+impl Store for RedisStore {
+    fn register(&self, peer: PeerAddr, key: PeerKey, ts: u64) -> Stored<Registered> {
+        let keep = Self::ms(self.ttl + self.retention);
+        let answer: String = self.run(|con| {
+            self.scripts
+                .register
+                .arg(peer.to_string())
+                .arg(key.to_string())
+                .arg(ts)
+                .arg(Self::ms(self.ttl))
+                .arg(keep)
+                .arg(self.capacity)
+                .invoke(con)
+        })?;
+        Ok(match answer.as_str() {
+            "new" => Registered::New,
+            "refreshed" => Registered::Refreshed,
+            "full" => Registered::Full,
+            "taken" => Registered::Taken,
+            "replayed" => Registered::Replayed,
+            moved => match moved.strip_prefix("moved ").map(str::parse) {
+                Some(Ok(from)) => Registered::Moved { from },
+                _ => return Err(self.strange("REGISTER", moved)),
+            },
+        })
+    }
+
+    fn unregister(&self, peer: PeerAddr, key: PeerKey, ts: u64) -> Stored<Result<bool, Refusal>> {
+        let answer: String = self.run(|con| {
+            self.scripts
+                .unregister
+                .arg(peer.to_string())
+                .arg(key.to_string())
+                .arg(ts)
+                .arg(Self::ms(self.retention))
+                .invoke(con)
+        })?;
+        Ok(match answer.as_str() {
+            "removed" => Ok(true),
+            "absent" => Ok(false),
+            "taken" => Err(Refusal::Taken),
+            "replayed" => Err(Refusal::Replayed),
+            other => return Err(self.strange("UNREGISTER", other)),
+        })
+    }
+
+    fn expire(&self) -> Stored<Vec<PeerAddr>> {
+        let mut expired = Vec::new();
+        // Bounded: a sweep takes at most 100 batches, the rest next time.
+        for _ in 0..100 {
+            let gone: Vec<String> =
+                self.run(|con| self.scripts.sweep.arg(SWEEP_BATCH).invoke(con))?;
+            let done = gone.len() < SWEEP_BATCH;
+            expired.extend(gone.iter().filter_map(|a| a.parse::<PeerAddr>().ok()));
+            if done {
+                break;
+            }
+        }
+        Ok(expired)
+    }
+
+    fn sample(&self, max: usize) -> Stored<Vec<(PeerAddr, PeerKey)>> {
+        let flat: Vec<String> = self.run(|con| self.scripts.sample.arg(max).invoke(con))?;
+        let mut peers: Vec<(PeerAddr, PeerKey)> = flat
+            .chunks_exact(2)
+            .filter_map(|p| Some((p[0].parse().ok()?, p[1].parse().ok()?)))
+            .collect();
+        // Redis returns a small set whole, in its own order.
+        fastrand::shuffle(&mut peers);
+        peers.truncate(max);
+        Ok(peers)
+    }
+
+    fn peers(&self) -> Stored<usize> {
+        self.run(|con| redis::cmd("ZCARD").arg(format!("{PREFIX}live")).query(con))
+    }
+
+    fn digest(&self, peer: PeerAddr) -> Stored<Option<ListDigest>> {
+        let digest: Option<String> = self.run(|con| {
+            redis::cmd("HGET")
+                .arg(format!("{PREFIX}p:{peer}"))
+                .arg("digest")
+                .query(con)
+        })?;
+        Ok(digest.and_then(|d| d.parse().ok()))
+    }
+
+    fn replace(
+        &self,
+        peer: PeerAddr,
+        key: PeerKey,
+        digest: ListDigest,
+        files: &[Holding],
+    ) -> Stored<Result<usize, Refused>> {
+        let blob = encode_files(files);
+        let count: i64 = self.run(|con| {
+            self.scripts
+                .replace
+                .arg(peer.to_string())
+                .arg(key.to_string())
+                .arg(digest.to_string())
+                .arg(self.max_holdings)
+                .arg(files.len())
+                .arg(&blob)
+                .invoke(con)
+        })?;
+        Ok(match count {
+            -2 => Err(Refused::Full {
+                max: self.max_holdings,
+            }),
+            -1 => Err(Refused::Gone),
+            n => Ok(usize::try_from(n).unwrap_or(0)),
+        })
+    }
+
+    fn who(&self, name: &FileName, per_version: usize) -> Stored<Vec<Holder>> {
+        let flat: Vec<String> = self.run(|con| {
+            self.scripts
+                .who
+                .arg(name.as_str())
+                .arg(per_version)
+                .arg(MAX_VERSIONS)
+                .arg(MAX_REPLY_LINES)
+                .invoke(con)
+        })?;
+        Ok(parse_holders(&flat))
+    }
+
+    fn who_has(&self, hash: &ContentHash, per_version: usize) -> Stored<Vec<Holder>> {
+        let flat: Vec<String> = self.run(|con| {
+            self.scripts
+                .who_has
+                .arg(hash.to_string())
+                .arg(per_version)
+                .arg(MAX_VERSIONS)
+                .arg(MAX_REPLY_LINES)
+                .invoke(con)
+        })?;
+        Ok(parse_holders(&flat))
+    }
+
+    fn list(&self, pattern: &GlobMatcher, after: Option<&FileName>) -> Stored<Page> {
+        let mut entries = Vec::new();
+        let mut cursor = after.map(|a| a.as_str().to_string()).unwrap_or_default();
+        let mut last: Option<String> = None;
+        let mut scanned = 0;
+        loop {
+            let flat: Vec<String> =
+                self.run(|con| self.scripts.list.arg(&cursor).arg(LIST_BATCH).invoke(con))?;
+            let mut rest = &flat[..];
+            let mut names = 0;
+            while let [name, n, tail @ ..] = rest {
+                let n: usize = n.parse().unwrap_or(0).min(tail.len() / 3);
+                let (versions, after) = tail.split_at(n * 3);
+                rest = after;
+                names += 1;
+                if scanned == SCAN_BUDGET || entries.len() + n.min(MAX_VERSIONS) > MAX_REPLY_LINES {
+                    return Ok(Page {
+                        entries,
+                        next: last.and_then(|n| FileName::new(&n).ok()),
+                    });
+                }
+                scanned += 1;
+                last = Some(name.clone());
+                let Ok(file_name) = FileName::new(name) else {
+                    continue;
+                };
+                if !pattern.is_match(name) {
+                    continue;
+                }
+                let mut listed: Vec<Listed> = versions
+                    .chunks_exact(3)
+                    .filter_map(|v| {
+                        Some(Listed {
+                            name: file_name.clone(),
+                            size: v[0].parse().ok()?,
+                            hash: v[1].parse().ok()?,
+                            holders: v[2].parse().ok()?,
+                        })
+                    })
+                    .filter(|l| l.holders > 0)
+                    .collect();
+                listed.sort_by_key(|l| std::cmp::Reverse(l.holders));
+                entries.extend(listed.into_iter().take(MAX_VERSIONS));
+            }
+            match &last {
+                Some(name) if names == LIST_BATCH => cursor = name.clone(),
+                _ => {
+                    return Ok(Page {
+                        entries,
+                        next: None,
+                    })
+                }
+            }
+        }
+    }
+
+    fn counts(&self) -> Stored<(usize, usize)> {
+        let (holdings, names): (Option<i64>, usize) = self.run(|con| {
+            redis::pipe()
+                .cmd("GET")
+                .arg(format!("{PREFIX}holdings"))
+                .cmd("ZCARD")
+                .arg(format!("{PREFIX}names"))
+                .query(con)
+        })?;
+        let holdings = usize::try_from(holdings.unwrap_or(0)).unwrap_or(0);
+        Ok((holdings, names))
+    }
+
+    fn add_counters(&self, counts: &[(&'static str, u64)]) -> Stored<()> {
+        let counts: Vec<_> = counts.iter().filter(|(_, n)| *n > 0).collect();
+        if counts.is_empty() {
+            return Ok(());
+        }
+        self.run(|con| {
+            let mut pipe = redis::pipe();
+            for (name, n) in &counts {
+                pipe.cmd("HINCRBY")
+                    .arg(format!("{PREFIX}stats"))
+                    .arg(*name)
+                    .arg(*n)
+                    .ignore();
+            }
+            pipe.query::<()>(con)
+        })
+    }
+
+    fn counters(&self) -> Stored<Vec<(String, u64)>> {
+        self.run(|con| {
+            redis::cmd("HGETALL")
+                .arg(format!("{PREFIX}stats"))
+                .query::<Vec<(String, u64)>>(con)
+        })
+    }
+
+    fn ping(&self) -> Stored<()> {
+        // Goes through `run`'s backoff too, so a Redis that stays down is
+        // asked no more often than the requests would ask it.
+        self.run(|con| {
+            if con.is_open() {
+                redis::cmd("PING").query::<String>(con).map(drop)
+            } else {
+                Err(std::io::Error::from(std::io::ErrorKind::NotConnected).into())
+            }
+        })
+    }
+}
+
+impl RedisStore {
+    /// A reply no script of ours gives: Redis holds keys of another
+    /// program, or another version's.
+    fn strange(&self, what: &str, reply: &str) -> Unavailable {
+        warn!(
+            "redis at {}: unexpected reply to {what}: {reply:?}",
+            self.target
+        );
+        Unavailable(format!("redis at {}: unexpected reply", self.target))
+    }
+}

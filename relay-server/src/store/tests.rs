@@ -1,0 +1,374 @@
+//! The same cases against both stores: what the relay relies on holds in
+//! memory and on a real Redis alike. Then what only Redis does: relays
+//! sharing it, and surviving it going away.
+
+use std::time::{Duration, Instant};
+
+use globset::GlobMatcher;
+use protocol::{
+    identity::{Identity, PeerKey},
+    index::{Holding, ListDigest},
+    FileName, PeerAddr,
+};
+
+use super::*;
+use crate::testing::RedisServer;
+
+/// Opens a store with a TTL, a capacity of peers and of holdings.
+type Open<'a> = &'a dyn Fn(Duration, usize, usize) -> Box<dyn Store>;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn addr(port: u16) -> PeerAddr {
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+fn key(n: u8) -> PeerKey {
+    Identity::from_seed([n; 32]).key()
+}
+
+fn holding(name: &str, content: &str) -> Holding {
+    Holding {
+        name: FileName::new(name).unwrap(),
+        size: content.len() as u64,
+        hash: blake3::hash(content.as_bytes()),
+    }
+}
+
+fn offer(store: &dyn Store, port: u16, k: u8, files: &[Holding]) -> Result<usize, Refused> {
+    store
+        .replace(addr(port), key(k), ListDigest::of(files), files)
+        .unwrap()
+}
+
+fn glob(pattern: &str) -> GlobMatcher {
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .unwrap()
+        .compile_matcher()
+}
+
+fn ports(holders: &[protocol::index::Holder]) -> Vec<u16> {
+    let mut ports: Vec<u16> = holders.iter().map(|h| h.addr.port()).collect();
+    ports.sort();
+    ports
+}
+
+fn registration_follows_the_key(open: Open) {
+    let store = open(LONG, 3, 1000);
+    assert_eq!(store.register(addr(1), key(1), 10), Ok(Registered::New));
+    assert_eq!(
+        store.register(addr(1), key(1), 11),
+        Ok(Registered::Refreshed)
+    );
+    // Not newer than what was accepted: a replay.
+    assert_eq!(
+        store.register(addr(1), key(1), 11),
+        Ok(Registered::Replayed)
+    );
+    // Another key cannot take a live entry.
+    assert_eq!(store.register(addr(1), key(2), 1), Ok(Registered::Taken));
+    // The key moves, and leaves its old address with what it held there.
+    offer(&*store, 1, 1, &[holding("a", "x")]).unwrap();
+    assert_eq!(
+        store.register(addr(2), key(1), 12),
+        Ok(Registered::Moved { from: addr(1) })
+    );
+    assert!(store
+        .who(&FileName::new("a").unwrap(), 10)
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.sample(10).unwrap(), vec![(addr(2), key(1))]);
+    assert_eq!(store.peers(), Ok(1));
+    // Full at three peers, but a listed key may still move.
+    store.register(addr(3), key(3), 1).unwrap();
+    store.register(addr(4), key(4), 1).unwrap();
+    assert_eq!(store.register(addr(5), key(5), 1), Ok(Registered::Full));
+    assert_eq!(
+        store.register(addr(5), key(4), 2),
+        Ok(Registered::Moved { from: addr(4) })
+    );
+}
+
+fn unregistration_is_the_owners_and_takes_the_index_along(open: Open) {
+    let store = open(LONG, 10, 1000);
+    store.register(addr(1), key(1), 10).unwrap();
+    offer(&*store, 1, 1, &[holding("a", "x")]).unwrap();
+    assert_eq!(
+        store.unregister(addr(1), key(2), 10),
+        Ok(Err(Refusal::Taken))
+    );
+    assert_eq!(
+        store.unregister(addr(1), key(1), 10),
+        Ok(Err(Refusal::Replayed))
+    );
+    assert_eq!(store.unregister(addr(1), key(1), 11), Ok(Ok(true)));
+    assert_eq!(store.unregister(addr(1), key(1), 12), Ok(Ok(false)));
+    assert_eq!(store.peers(), Ok(0));
+    assert_eq!(store.counts(), Ok((0, 0)));
+    assert_eq!(store.digest(addr(1)), Ok(None));
+    // The key is remembered: its old requests stay refused.
+    assert_eq!(
+        store.register(addr(1), key(1), 11),
+        Ok(Registered::Replayed)
+    );
+    assert_eq!(store.register(addr(1), key(1), 13), Ok(Registered::New));
+}
+
+fn silent_peers_expire_with_what_they_hold(open: Open) {
+    let store = open(Duration::from_millis(300), 10, 1000);
+    store.register(addr(1), key(1), 10).unwrap();
+    offer(&*store, 1, 1, &[holding("a", "x"), holding("b", "y")]).unwrap();
+    assert_eq!(store.expire(), Ok(vec![]), "expired before its time");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let expired = loop {
+        let expired = store.expire().unwrap();
+        if !expired.is_empty() || Instant::now() > deadline {
+            break expired;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(expired, vec![addr(1)]);
+    assert_eq!(store.peers(), Ok(0));
+    assert_eq!(store.counts(), Ok((0, 0)));
+    assert!(store.list(&glob("**"), None).unwrap().entries.is_empty());
+    assert_eq!(store.sample(10), Ok(vec![]));
+    // Its key is remembered after it left.
+    assert_eq!(
+        store.register(addr(1), key(1), 10),
+        Ok(Registered::Replayed)
+    );
+    // An expired entry is another key's to take.
+    store.register(addr(2), key(2), 1).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(store.register(addr(2), key(3), 1), Ok(Registered::New));
+}
+
+fn the_index_answers_by_name_by_hash_and_by_pattern(open: Open) {
+    let store = open(LONG, 10, 1000);
+    for (port, k) in [(1, 1), (2, 2), (3, 3)] {
+        store.register(addr(port), key(k), 1).unwrap();
+    }
+    offer(&*store, 1, 1, &[holding("a", "old"), holding("dir/b", "b")]).unwrap();
+    offer(
+        &*store,
+        2,
+        2,
+        &[holding("a", "new"), holding("copy", "old")],
+    )
+    .unwrap();
+    assert_eq!(offer(&*store, 3, 3, &[holding("a", "new")]), Ok(1));
+    let a = FileName::new("a").unwrap();
+    let holders = store.who(&a, 50).unwrap();
+    assert_eq!(ports(&holders), [1, 2, 3]);
+    // Most held version first, each line with its version's count.
+    assert_eq!(holders[0].hash, blake3::hash(b"new"));
+    assert_eq!(holders[0].holders, 2);
+    assert_eq!(holders[2].hash, blake3::hash(b"old"));
+    assert!(holders.iter().all(|h| h.key == key(h.addr.port() as u8)));
+    // A sample of each version.
+    assert_eq!(store.who(&a, 1).unwrap().len(), 2);
+    let old = store.who_has(&blake3::hash(b"old"), 50).unwrap();
+    assert_eq!(ports(&old), [1, 2]);
+    assert!(old.iter().any(|h| h.name.as_str() == "copy"));
+    assert_eq!(store.counts(), Ok((5, 3)));
+    let listed = store.list(&glob("*"), None).unwrap();
+    let names: Vec<&str> = listed.entries.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["a", "a", "copy"], "`*` stays out of folders");
+    assert_eq!(listed.entries[0].holders, 2);
+    assert!(listed.next.is_none());
+    assert_eq!(
+        store.digest(addr(3)),
+        Ok(Some(ListDigest::of(&[holding("a", "new")])))
+    );
+    // A new list replaces the old one.
+    offer(&*store, 1, 1, &[holding("c", "c")]).unwrap();
+    assert_eq!(ports(&store.who(&a, 50).unwrap()), [2, 3]);
+    assert_eq!(store.counts(), Ok((4, 3)));
+}
+
+fn a_long_listing_comes_in_pages(open: Open) {
+    let store = open(LONG, 10, 10_000);
+    store.register(addr(1), key(1), 1).unwrap();
+    let mut files: Vec<Holding> = (0..2500)
+        .map(|i| holding(&format!("f{i:05}"), &i.to_string()))
+        .collect();
+    files.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+    offer(&*store, 1, 1, &files).unwrap();
+    let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
+    loop {
+        let page = store.list(&glob("**"), after.as_ref()).unwrap();
+        assert!(page.entries.len() <= protocol::index::MAX_REPLY_LINES);
+        seen.extend(page.entries.iter().map(|l| l.name.as_str().to_string()));
+        pages += 1;
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+        assert!(pages < 10, "pages never end");
+    }
+    assert_eq!(pages, 3);
+    let want: Vec<String> = files.iter().map(|f| f.name.as_str().to_string()).collect();
+    assert_eq!(seen, want);
+}
+
+fn a_full_index_refuses_more(open: Open) {
+    let store = open(LONG, 10, 3);
+    store.register(addr(1), key(1), 1).unwrap();
+    store.register(addr(2), key(2), 1).unwrap();
+    offer(&*store, 1, 1, &[holding("a", "a"), holding("b", "b")]).unwrap();
+    assert_eq!(
+        offer(&*store, 2, 2, &[holding("c", "c"), holding("d", "d")]),
+        Err(Refused::Full { max: 3 })
+    );
+    // Replacing its own list counts what it gives up.
+    assert_eq!(
+        offer(
+            &*store,
+            1,
+            1,
+            &[holding("a", "a"), holding("e", "e"), holding("f", "f")]
+        ),
+        Ok(3)
+    );
+}
+
+fn counters_add_up(open: Open) {
+    let store = open(LONG, 10, 10);
+    store
+        .add_counters(&[("lookups", 2), ("offers", 0)])
+        .unwrap();
+    store.add_counters(&[("lookups", 3)]).unwrap();
+    let counters = store.counters().unwrap();
+    assert!(
+        counters.contains(&("lookups".to_string(), 5)),
+        "{counters:?}"
+    );
+}
+
+/// Each case as a test of each store; Redis tests skip (saying so) where
+/// redis-server is not installed.
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod memory_store {
+            $(
+                #[test]
+                fn $case() {
+                    super::$case(&|ttl, capacity, max_holdings| {
+                        Box::new(super::MemoryStore::new(ttl, capacity, max_holdings, super::LONG))
+                    });
+                }
+            )*
+        }
+        mod redis_store {
+            $(
+                #[test]
+                fn $case() {
+                    let Some(redis) = super::RedisServer::start(stringify!($case)) else {
+                        return;
+                    };
+                    super::$case(&|ttl, capacity, max_holdings| {
+                        Box::new(super::on(&redis, ttl, capacity, max_holdings))
+                    });
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    registration_follows_the_key,
+    unregistration_is_the_owners_and_takes_the_index_along,
+    silent_peers_expire_with_what_they_hold,
+    the_index_answers_by_name_by_hash_and_by_pattern,
+    a_long_listing_comes_in_pages,
+    a_full_index_refuses_more,
+    counters_add_up,
+);
+
+fn target(url: &str) -> RedisTarget {
+    let mut target = RedisTarget::parse(url).unwrap();
+    target.timeout = Duration::from_millis(500);
+    target
+}
+
+fn on(redis: &RedisServer, ttl: Duration, capacity: usize, max_holdings: usize) -> RedisStore {
+    RedisStore::new(&target(&redis.url()), ttl, capacity, max_holdings, LONG).unwrap()
+}
+
+#[test]
+fn two_relays_on_one_redis_share_peers_and_index() {
+    let Some(redis) = RedisServer::start("two_relays_on_one_redis_share_peers_and_index") else {
+        return;
+    };
+    let (a, b) = (on(&redis, LONG, 10, 100), on(&redis, LONG, 10, 100));
+    a.register(addr(1), key(1), 1).unwrap();
+    offer(&a, 1, 1, &[holding("a", "x")]).unwrap();
+    assert_eq!(b.sample(10), Ok(vec![(addr(1), key(1))]));
+    assert_eq!(
+        ports(&b.who(&FileName::new("a").unwrap(), 10).unwrap()),
+        [1]
+    );
+    // Replay protection is the network's: what A accepted, B refuses.
+    assert_eq!(b.register(addr(1), key(1), 1), Ok(Registered::Replayed));
+    assert_eq!(b.register(addr(1), key(1), 2), Ok(Registered::Refreshed));
+    drop(a);
+    assert_eq!(b.peers(), Ok(1), "a relay gone takes nothing with it");
+}
+
+#[test]
+fn what_redis_accepted_survives_its_restart() {
+    let Some(mut redis) = RedisServer::start("what_redis_accepted_survives_its_restart") else {
+        return;
+    };
+    let store = on(&redis, LONG, 10, 100);
+    store.register(addr(1), key(1), 1).unwrap();
+    offer(&store, 1, 1, &[holding("a", "x")]).unwrap();
+    redis.kill();
+    redis.restart();
+    // Whatever the backoff left to wait, the store answers again soon.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while store.ping().is_err() {
+        assert!(Instant::now() < deadline, "the store never recovered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(store.sample(10), Ok(vec![(addr(1), key(1))]));
+    assert_eq!(store.counts(), Ok((1, 1)));
+}
+
+#[test]
+fn an_unavailable_redis_fails_fast_then_recovers() {
+    let Some(mut redis) = RedisServer::start("an_unavailable_redis_fails_fast_then_recovers")
+    else {
+        return;
+    };
+    let store = on(&redis, LONG, 10, 100);
+    store.register(addr(1), key(1), 1).unwrap();
+    redis.stop();
+    let first = store.peers().unwrap_err();
+    assert!(first.0.contains(&redis.url()), "{first}");
+    // While the backoff runs, no connection is tried: the answer is at once.
+    let started = Instant::now();
+    let second = store.peers().unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert!(second.0.contains("next try in"), "{second}");
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while store.peers().is_err() {
+        assert!(Instant::now() < deadline, "the store never recovered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(store.peers(), Ok(1));
+}
+
+#[test]
+fn urls_are_checked_and_passwords_kept_out_of_logs() {
+    assert!(RedisTarget::parse("redis://127.0.0.1:6379/0").is_ok());
+    assert!(RedisTarget::parse("http://127.0.0.1:6379").is_err());
+    assert!(RedisTarget::parse("redis://127.0.0.1:notaport/0").is_err());
+    let target = RedisTarget::parse("redis://user:secret@10.0.0.1:6379/2").unwrap();
+    assert_eq!(target.display(), "redis://user:***@10.0.0.1:6379/2");
+    let err = RedisTarget::parse("redis://:secret@host:bad/0").unwrap_err();
+    assert!(!err.to_string().contains("secret"), "{err}");
+}
