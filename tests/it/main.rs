@@ -11,5 +11,6 @@ mod limits;
 mod msrv;
 mod paths;
 mod phases;
+mod shared;
 mod transfers;
 mod ux;

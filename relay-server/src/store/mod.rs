@@ -153,9 +153,9 @@ pub fn open(config: &crate::Config) -> Result<Box<dyn Store>, RedisUrlError> {
                 config.max_holdings,
                 RETENTION,
             )?;
-            if let Err(e) = store.ping() {
-                log::warn!("{e}: serving anyway, answering ERR busy until it answers");
-            }
+            // Logs a warning now if Redis is down; the relay serves anyway
+            // (answering `ERR busy` until it is up).
+            let _ = store.ping();
             Box::new(store)
         }
     })

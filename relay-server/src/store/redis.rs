@@ -362,14 +362,12 @@ impl RedisStore {
             // A connection whose reply came too late skips it before the
             // next (the crate's doing); one that was closed is not reused
             // (`has_broken`).
-            Ok(mut con) => op(&mut con),
-            Err(e) => Err(RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no connection within {:?}: {e}",
-                    self.pool.connection_timeout()
-                ),
-            ))),
+            Ok(mut con) => op(&mut con).map_err(|e| describe(&e)),
+            // The pool's error names the last failure to connect.
+            Err(e) => Err(format!(
+                "no connection within {:?}: {e}",
+                self.pool.connection_timeout()
+            )),
         };
         match result {
             Ok(value) => {
@@ -378,7 +376,7 @@ impl RedisStore {
             }
             // Any error, the server's own too (a Redis still loading its
             // data, out of memory): wait before asking again.
-            Err(e) => Err(Unavailable(self.failed(&e))),
+            Err(why) => Err(Unavailable(self.failed(why))),
         }
     }
 
@@ -407,8 +405,7 @@ impl RedisStore {
     }
 
     /// Notes a failure; returns its description.
-    fn failed(&self, e: &RedisError) -> String {
-        let why = describe(e);
+    fn failed(&self, why: String) -> String {
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let backoff = match &health.down {
