@@ -133,8 +133,13 @@ impl Catalog {
             .collect()
     }
 
+    /// Files each simulated peer offers.
+    pub fn files(&self) -> usize {
+        self.files
+    }
+
     /// How many peers hold each name when `peers` peers are loaded.
-    fn holders_each(&self, peers: usize) -> usize {
+    pub fn holders_each(&self, peers: usize) -> usize {
         peers * self.files / self.names
     }
 }
@@ -197,7 +202,7 @@ fn encode(request: &Request) -> Vec<u8> {
 
 /// Where simulated peer `i` comes from and the port it names: the relay
 /// keys peers by source address and port.
-fn peer_addr(i: usize) -> (IpAddr, u16) {
+pub fn peer_addr(i: usize) -> (IpAddr, u16) {
     let ip = Ipv4Addr::new(127, 0, 1, 1 + (i % SOURCE_IPS) as u8);
     (IpAddr::V4(ip), (FIRST_PORT + i / SOURCE_IPS) as u16)
 }
@@ -648,7 +653,7 @@ pub fn big_index(setup: &Setup, catalog: &Catalog, peers: usize) -> anyhow::Resu
 
 /// Sends every peer's OFFER from `LOADERS` threads; peer `i` from its own
 /// address and port.
-fn load_peers(relay: SocketAddr, catalog: &Catalog, peers: usize) -> anyhow::Result<Load> {
+pub fn load_peers(relay: SocketAddr, catalog: &Catalog, peers: usize) -> anyhow::Result<Load> {
     let deadline = Instant::now() + LOAD_LIMIT;
     let expect = format!("INDEXED {}\n", catalog.files);
     let loads = thread::scope(|scope| {

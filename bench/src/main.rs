@@ -10,6 +10,7 @@ mod multi;
 mod procs;
 mod relay;
 mod report;
+mod shared;
 mod sign;
 mod small;
 mod transfer;
@@ -75,6 +76,10 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     rare_gets: usize,
     /// Use the binaries already built in this folder instead of building
+    #[arg(long, default_value_t = 100_000)]
+    shared_peers: usize,
+    #[arg(long, default_value_t = 10)]
+    shared_files: usize,
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// A relay-server built from before the relay wanted signatures (commit
@@ -98,6 +103,7 @@ enum Figure {
     Rare,
     Index,
     Signing,
+    Shared,
 }
 
 /// What every figure needs: the binaries, a work folder, and a relay with
@@ -265,6 +271,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         if wants(Figure::Index) {
             rows.extend(index::big_index(&setup, &catalog, args.index_peers)?);
         }
+    }
+
+    if wants(Figure::Shared) {
+        let catalog = index::Catalog::new(args.shared_peers.max(1000) + 1, args.shared_files)?;
+        let sizes = shared::Sizes {
+            peers: args.shared_peers,
+            clients: args.clients,
+            secs: args.lookup_secs,
+            rounds: args.lookup_rounds,
+        };
+        rows.extend(shared::run(&setup, &catalog, &sizes)?);
     }
 
     println!("{}", machine());

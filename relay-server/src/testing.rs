@@ -18,11 +18,19 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// More redis-server arguments, after the defaults (the last wins).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts one for `test`, or says why not (see the module).
     pub fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, &[])
+    }
+
+    /// `start`, with more arguments for redis-server (a benchmark's
+    /// `--appendfsync everysec`, say).
+    pub fn start_with(test: &str, extra: &[&str]) -> Option<Self> {
         let required = std::env::var_os("RP2P_REQUIRE_REDIS").is_some();
         match Command::new("redis-server").arg("--version").output() {
             Ok(out) if out.status.success() => {}
@@ -44,6 +52,7 @@ impl RedisServer {
                 child: None,
                 port,
                 dir: tempfile::tempdir().expect("a temporary folder for redis-server"),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
             };
             if server.spawn() {
                 return Some(server);
@@ -111,6 +120,7 @@ impl RedisServer {
             // a Redis killed and started again has lost nothing.
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .args(["--save", "", "--logfile", "redis.log"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

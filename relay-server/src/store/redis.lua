@@ -2,8 +2,10 @@
 -- is this prelude followed by its own body; see redis.rs for the layout).
 --
 -- Keys, all under the prefix P:
---   live          sorted set: peer address -> expiry, in the Redis server's ms
---   p:ADDR        hash: key (hex), digest (hex), count, files (the list, one
+--   live          sorted set: "ADDR KEY" -> expiry, in the Redis server's ms
+--                 (the key in the member, so that a sample needs nothing more)
+--   keyof         hash: peer address -> the key (hex) that owns its entry
+--   p:ADDR        hash: digest (hex), count, files (the list, one
 --                 "SIZE HASH NAME\n" line per holding, NAME as it is)
 --   k:KEY         hash: addr (where the key is listed), ts (its newest
 --                 accepted request time); expires retention after its last use
@@ -48,16 +50,16 @@ end
 -- Forgets ADDR altogether: its entry, what it holds, its key's pointer to it.
 local function drop(addr)
   unindex(addr)
-  local pk = P .. 'p:' .. addr
-  local key = redis.call('HGET', pk, 'key')
+  local key = redis.call('HGET', P .. 'keyof', addr)
   if key then
+    redis.call('ZREM', P .. 'live', addr .. ' ' .. key)
     local kk = P .. 'k:' .. key
     if redis.call('HGET', kk, 'addr') == addr then
       redis.call('HDEL', kk, 'addr')
     end
   end
-  redis.call('DEL', pk)
-  redis.call('ZREM', P .. 'live', addr)
+  redis.call('DEL', P .. 'p:' .. addr)
+  redis.call('HDEL', P .. 'keyof', addr)
 end
 
 -- True when TS is not newer than the newest request accepted from KEY.
@@ -85,11 +87,13 @@ local function holders(versions, per, maxv, room)
     local pairs_ = {}
     if room > 0 and per > 0 then
       local picked = redis.call('SRANDMEMBER', P .. 'v:' .. v, math.min(per, room))
-      for _, addr in ipairs(picked) do
-        local key = redis.call('HGET', P .. 'p:' .. addr, 'key')
-        if key then
-          table.insert(pairs_, addr)
-          table.insert(pairs_, key)
+      if #picked > 0 then
+        local keys = redis.call('HMGET', P .. 'keyof', unpack(picked))
+        for j, addr in ipairs(picked) do
+          if keys[j] then
+            pairs_[#pairs_ + 1] = addr
+            pairs_[#pairs_ + 1] = keys[j]
+          end
         end
       end
     end

@@ -41,6 +41,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const POOL_SIZE: u32 = 32;
 /// Peers expired by one sweep script, so that one call stays short.
 const SWEEP_BATCH: usize = 1000;
+/// Runs of the registry one PEERS sample is drawn from.
+const SAMPLE_RUNS: usize = 2;
 /// Names read by one listing script.
 const LIST_BATCH: usize = 1000;
 /// The prefix of every key, as in redis.lua.
@@ -162,16 +164,16 @@ local addr, key, ts = ARGV[1], ARGV[2], ARGV[3]
 local ttl, keep, capacity = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if stale(key, ts) then return 'replayed' end
 local now = now_ms()
-local pk, kk = P .. 'p:' .. addr, P .. 'k:' .. key
-local owner = redis.call('HGET', pk, 'key')
+local kk = P .. 'k:' .. key
+local owner = redis.call('HGET', P .. 'keyof', addr)
 if owner == key then
-  redis.call('ZADD', P .. 'live', now + ttl, addr)
+  redis.call('ZADD', P .. 'live', now + ttl, addr .. ' ' .. key)
   redis.call('HSET', kk, 'addr', addr, 'ts', ts)
   redis.call('PEXPIRE', kk, keep)
   return 'refreshed'
 end
 if owner then
-  local expires = tonumber(redis.call('ZSCORE', P .. 'live', addr) or '0')
+  local expires = tonumber(redis.call('ZSCORE', P .. 'live', addr .. ' ' .. owner) or '0')
   if expires >= now then return 'taken' end
   drop(addr)
 end
@@ -180,9 +182,9 @@ if from == addr then from = false end
 if not owner and not from and redis.call('ZCARD', P .. 'live') >= capacity then
   return 'full'
 end
-if from and redis.call('HGET', P .. 'p:' .. from, 'key') == key then drop(from) end
-redis.call('HSET', pk, 'key', key)
-redis.call('ZADD', P .. 'live', now + ttl, addr)
+if from and redis.call('HGET', P .. 'keyof', from) == key then drop(from) end
+redis.call('HSET', P .. 'keyof', addr, key)
+redis.call('ZADD', P .. 'live', now + ttl, addr .. ' ' .. key)
 redis.call('HSET', kk, 'addr', addr, 'ts', ts)
 redis.call('PEXPIRE', kk, keep)
 if from then return 'moved ' .. from end
@@ -194,7 +196,7 @@ return 'new'
                 r#"
 local addr, key, ts = ARGV[1], ARGV[2], ARGV[3]
 if stale(key, ts) then return 'replayed' end
-local owner = redis.call('HGET', P .. 'p:' .. addr, 'key')
+local owner = redis.call('HGET', P .. 'keyof', addr)
 if owner and owner ~= key then return 'taken' end
 if owner then drop(addr) end
 local kk = P .. 'k:' .. key
@@ -209,25 +211,44 @@ return 'absent'
                 r#"
 local gone = redis.call('ZRANGEBYSCORE', P .. 'live', '-inf', '(' .. now_ms(),
   'LIMIT', 0, tonumber(ARGV[1]))
-for _, addr in ipairs(gone) do drop(addr) end
-return gone
+local addrs = {}
+for i, member in ipairs(gone) do
+  local addr = string.match(member, '^(%S+) ')
+  drop(addr)
+  addrs[i] = addr
+end
+return addrs
 "#,
             ),
-            // ARGV: max. Flat: ADDR KEY ...
+            // ARGV: width small start... Runs of the live peers in expiry
+            // order (the expired, not yet swept, come first and are left
+            // out), each of `width` from a random place (a fraction of
+            // their number): every live peer is as likely to be picked as
+            // any other, at a fraction of what single random draws cost
+            // Redis (ZRANDMEMBER's fair draws cost 4x the whole lookup).
+            // All of them when there are no more than `small`.
             sample: script(
                 r#"
-local max, now = tonumber(ARGV[1]), now_ms()
-local picked = redis.call('ZRANDMEMBER', P .. 'live', max * 2, 'WITHSCORES')
+local live = P .. 'live'
+local expired = redis.call('ZCOUNT', live, '-inf', '(' .. now_ms())
+local n = redis.call('ZCARD', live) - expired
+local width, small = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
-for i = 1, #picked, 2 do
-  if #out >= 2 * max then break end
-  if tonumber(picked[i + 1]) >= now then
-    local key = redis.call('HGET', P .. 'p:' .. picked[i], 'key')
-    if key then
-      table.insert(out, picked[i])
-      table.insert(out, key)
-    end
-  end
+local function take(from, count)
+  if count <= 0 then return end
+  local got = redis.call('ZRANGE', live, expired + from, expired + from + count - 1)
+  for _, m in ipairs(got) do out[#out + 1] = m end
+end
+if n <= small then
+  take(0, n)
+  return out
+end
+for i = 3, #ARGV do
+  local start = math.floor(tonumber(ARGV[i]) * n)
+  take(start, math.min(width, n - start))
+  -- A run past the end goes on from the start, so that the last peers
+  -- are as likely to be picked as the others.
+  take(0, start + width - n)
 end
 return out
 "#,
@@ -238,7 +259,7 @@ return out
 local addr, key, digest = ARGV[1], ARGV[2], ARGV[3]
 local max, n, blob = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local pk = P .. 'p:' .. addr
-if redis.call('HGET', pk, 'key') ~= key then return -1 end
+if redis.call('HGET', P .. 'keyof', addr) ~= key then return -1 end
 local old = tonumber(redis.call('HGET', pk, 'count') or '0')
 local held = tonumber(redis.call('GET', P .. 'holdings') or '0')
 if held - old + n > max then return -2 end
@@ -335,6 +356,9 @@ impl RedisStore {
             // No connections held while idle, none opened at start.
             .min_idle(Some(0))
             .connection_timeout(target.timeout)
+            // No PING before each use (a round trip per request): a broken
+            // connection shows when it is used, and is then not reused.
+            .test_on_check_out(false)
             .error_handler(Box::new(QuietErrors))
             .build_unchecked(Connector {
                 client,
@@ -550,12 +574,23 @@ impl Store for RedisStore {
     }
 
     fn sample(&self, max: usize) -> Stored<Vec<(PeerAddr, PeerKey)>> {
-        let flat: Vec<String> = self.run(|con| self.scripts.sample.arg(max).invoke(con))?;
-        let mut peers: Vec<(PeerAddr, PeerKey)> = flat
-            .chunks_exact(2)
-            .filter_map(|p| Some((p[0].parse().ok()?, p[1].parse().ok()?)))
+        let width = max.div_ceil(SAMPLE_RUNS) + 2;
+        let mut call = self.scripts.sample.prepare_invoke();
+        call.arg(width).arg(max * 2);
+        for _ in 0..SAMPLE_RUNS {
+            call.arg(fastrand::f64());
+        }
+        let members: Vec<String> = self.run(|con| call.invoke(con))?;
+        let mut peers: Vec<(PeerAddr, PeerKey)> = members
+            .iter()
+            .filter_map(|member| {
+                let (addr, key) = member.split_once(' ')?;
+                Some((addr.parse().ok()?, key.parse().ok()?))
+            })
             .collect();
-        // Redis returns a small set whole, in its own order.
+        // Runs may overlap.
+        peers.sort_unstable_by_key(|(addr, _)| *addr);
+        peers.dedup_by_key(|(addr, _)| *addr);
         fastrand::shuffle(&mut peers);
         peers.truncate(max);
         Ok(peers)

@@ -247,6 +247,27 @@ fn counters_add_up(open: Open) {
     );
 }
 
+fn samples_are_distinct_live_and_reach_everyone(open: Open) {
+    let store = open(LONG, 100, 10);
+    for n in 1..=40u8 {
+        store.register(addr(u16::from(n)), key(n), 1).unwrap();
+    }
+    // What a sweep does each second; the Redis store learns the size.
+    store.expire().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..300 {
+        let sample = store.sample(5).unwrap();
+        assert_eq!(sample.len(), 5, "{sample:?}");
+        let distinct: std::collections::HashSet<_> = sample.iter().collect();
+        assert_eq!(distinct.len(), 5);
+        for (a, k) in sample {
+            assert_eq!(k, key(a.port() as u8));
+            seen.insert(a);
+        }
+    }
+    assert_eq!(seen.len(), 40, "some peers are never sampled");
+}
+
 /// Each case as a test of each store; Redis tests skip (saying so) where
 /// redis-server is not installed.
 macro_rules! on_both_stores {
@@ -285,6 +306,7 @@ on_both_stores!(
     a_long_listing_comes_in_pages,
     a_full_index_refuses_more,
     counters_add_up,
+    samples_are_distinct_live_and_reach_everyone,
 );
 
 fn target(url: &str) -> RedisTarget {
