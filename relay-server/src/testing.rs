@@ -7,7 +7,7 @@
 //! instead, so that no Redis test is skipped there unnoticed.
 
 use std::{
-    io::ErrorKind,
+    io::{ErrorKind, Write},
     net::TcpListener,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -35,7 +35,10 @@ impl RedisServer {
         match Command::new("redis-server").arg("--version").output() {
             Ok(out) if out.status.success() => {}
             Err(e) if e.kind() == ErrorKind::NotFound && !required => {
-                eprintln!(
+                // Straight to stderr, not through `eprintln!`, which the
+                // test harness keeps to itself when a test passes.
+                let _ = writeln!(
+                    std::io::stderr(),
                     "skipped {test}: redis-server is not installed (apt install redis-server)"
                 );
                 return None;
@@ -78,9 +81,30 @@ impl RedisServer {
 
     /// Kills it (SIGKILL): what it wrote to its append-only file survives.
     pub fn kill(&mut self) {
+        // A frozen server cannot die until it goes on.
+        self.thaw();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Freezes it (SIGSTOP): connections stay open, nothing is answered.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([which, &child.id().to_string()])
+                .status();
+            assert!(status.is_ok_and(|s| s.success()), "kill {which} failed");
         }
     }
 

@@ -127,6 +127,38 @@ fn redis_stopped_and_started_while_peers_heartbeat() {
     assert!(stat(relay.addr, "store_unavailable") >= 1);
 }
 
+#[test]
+fn a_frozen_redis_costs_a_request_one_store_timeout() {
+    let Some(redis) = RedisServer::start("a_frozen_redis_costs_a_request_one_store_timeout") else {
+        return;
+    };
+    // The store's timeout is half a second here (`store` above).
+    let relay = relay_on(&redis);
+    assert!(live_peers(relay.addr).is_empty());
+    redis.freeze();
+    let started = std::time::Instant::now();
+    let reply = String::from_utf8_lossy(&raw_exchange(relay.addr, b"RP2P/1 PEERS\n")).to_string();
+    let waited = started.elapsed();
+    assert!(reply.starts_with("ERR busy retry-after 1 "), "{reply}");
+    assert!(reply.contains("timed out"), "{reply}");
+    assert!(waited < Duration::from_secs(3), "waited {waited:?}");
+    // While the backoff runs, requests are answered at once, without
+    // trying Redis (a slow machine may miss the first window: a few tries).
+    let quick = (0..5).find_map(|_| {
+        let started = std::time::Instant::now();
+        let reply = raw_exchange(relay.addr, b"RP2P/1 PEERS\n");
+        let reply = String::from_utf8_lossy(&reply).to_string();
+        assert!(reply.starts_with("ERR busy retry-after 1 "), "{reply}");
+        reply.contains("next try in").then(|| started.elapsed())
+    });
+    let quick = quick.expect("no request was answered from the backoff");
+    assert!(quick < Duration::from_millis(300), "took {quick:?}");
+    redis.thaw();
+    eventually("the relay answers again", || {
+        raw_exchange(relay.addr, b"RP2P/1 PEERS\n").starts_with(b"PEERS 0")
+    });
+}
+
 /// The address a peer in this process is listed at.
 fn peer_addr(peer: &Server) -> protocol::PeerAddr {
     peer.addr.to_string().parse().expect("a peer address")

@@ -370,11 +370,15 @@ fn an_unavailable_redis_fails_fast_then_recovers() {
     redis.stop();
     let first = store.peers().unwrap_err();
     assert!(first.0.contains(&redis.url()), "{first}");
-    // While the backoff runs, no connection is tried: the answer is at once.
-    let started = Instant::now();
-    let second = store.peers().unwrap_err();
-    assert!(started.elapsed() < Duration::from_millis(100));
-    assert!(second.0.contains("next try in"), "{second}");
+    // While the backoff runs, no connection is tried: the answer is at
+    // once (a slow machine may miss the first window: a few tries).
+    let quick = (0..5).find_map(|_| {
+        let started = Instant::now();
+        let e = store.peers().unwrap_err();
+        e.0.contains("next try in").then(|| started.elapsed())
+    });
+    let quick = quick.expect("no call was answered from the backoff");
+    assert!(quick < Duration::from_millis(100), "took {quick:?}");
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(15);
     while store.peers().is_err() {
