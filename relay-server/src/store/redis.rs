@@ -14,7 +14,10 @@
 //! sweeper pings meanwhile, so the relay recovers by itself.
 
 use std::{
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -89,25 +92,35 @@ pub(super) fn without_password(url: &str) -> String {
 struct Connector {
     client: redis::Client,
     timeout: Duration,
+    /// Bumped at each failure: connections made before it are not used
+    /// again (after Redis restarts, every idle one is dead).
+    generation: Arc<AtomicU64>,
+}
+
+/// A connection, with the generation it was made in.
+struct Conn {
+    con: Connection,
+    generation: u64,
 }
 
 impl r2d2::ManageConnection for Connector {
-    type Connection = Connection;
+    type Connection = Conn;
     type Error = RedisError;
 
-    fn connect(&self) -> Result<Connection, RedisError> {
+    fn connect(&self) -> Result<Conn, RedisError> {
+        let generation = self.generation.load(Ordering::Relaxed);
         let con = self.client.get_connection_with_timeout(self.timeout)?;
         con.set_read_timeout(Some(self.timeout))?;
         con.set_write_timeout(Some(self.timeout))?;
-        Ok(con)
+        Ok(Conn { con, generation })
     }
 
-    fn is_valid(&self, con: &mut Connection) -> Result<(), RedisError> {
-        redis::cmd("PING").query::<String>(con).map(drop)
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
+        redis::cmd("PING").query::<String>(&mut conn.con).map(drop)
     }
 
-    fn has_broken(&self, con: &mut Connection) -> bool {
-        !con.is_open()
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        !conn.con.is_open() || conn.generation < self.generation.load(Ordering::Relaxed)
     }
 }
 
@@ -330,6 +343,8 @@ pub struct RedisStore {
     target: String,
     scripts: Scripts,
     health: Mutex<Health>,
+    /// The connector's generation (see there).
+    generation: Arc<AtomicU64>,
     ttl: Duration,
     retention: Duration,
     capacity: usize,
@@ -351,6 +366,7 @@ impl RedisStore {
             url: target.display(),
             reason: e.to_string(),
         })?;
+        let generation = Arc::new(AtomicU64::new(0));
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             // No connections held while idle, none opened at start.
@@ -363,12 +379,14 @@ impl RedisStore {
             .build_unchecked(Connector {
                 client,
                 timeout: target.timeout,
+                generation: Arc::clone(&generation),
             });
         Ok(RedisStore {
             pool,
             target: target.display(),
             scripts: Scripts::new(),
             health: Mutex::default(),
+            generation,
             ttl,
             retention,
             capacity,
@@ -382,11 +400,11 @@ impl RedisStore {
         if let Some(why) = self.waiting() {
             return Err(Unavailable(why));
         }
-        let result = match self.pool.get() {
+        let result = match self.connection() {
             // A connection whose reply came too late skips it before the
-            // next (the crate's doing); one that was closed is not reused
-            // (`has_broken`).
-            Ok(mut con) => op(&mut con).map_err(|e| describe(&e)),
+            // next (the crate's doing); one that was closed or made before
+            // the last failure is not reused (`has_broken`).
+            Ok(mut conn) => op(&mut conn.con).map_err(|e| describe(&e)),
             // The pool's error names the last failure to connect.
             Err(e) => Err(format!(
                 "no connection within {:?}: {e}",
@@ -402,6 +420,18 @@ impl RedisStore {
             // data, out of memory): wait before asking again.
             Err(why) => Err(Unavailable(self.failed(why))),
         }
+    }
+
+    /// A pooled connection made since the last failure: older ones are
+    /// given back, and dropped as broken, until one is.
+    fn connection(&self) -> Result<r2d2::PooledConnection<Connector>, r2d2::Error> {
+        for _ in 0..POOL_SIZE {
+            let conn = self.pool.get()?;
+            if conn.generation >= self.generation.load(Ordering::Relaxed) {
+                return Ok(conn);
+            }
+        }
+        self.pool.get()
     }
 
     /// While a failure's backoff runs: why the store is unavailable.
@@ -430,6 +460,7 @@ impl RedisStore {
 
     /// Notes a failure; returns its description.
     fn failed(&self, why: String) -> String {
+        self.generation.fetch_add(1, Ordering::Relaxed);
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let backoff = match &health.down {

@@ -347,6 +347,12 @@ fn what_redis_accepted_survives_its_restart() {
     let store = on(&redis, LONG, 10, 100);
     store.register(addr(1), key(1), 1).unwrap();
     offer(&store, 1, 1, &[holding("a", "x")]).unwrap();
+    // Connections in the pool, all dead once Redis is killed.
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| (0..20).for_each(|_| drop(store.peers())));
+        }
+    });
     redis.kill();
     redis.restart();
     // Whatever the backoff left to wait, the store answers again soon.
@@ -355,7 +361,10 @@ fn what_redis_accepted_survives_its_restart() {
         assert!(Instant::now() < deadline, "the store never recovered");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(store.sample(10), Ok(vec![(addr(1), key(1))]));
+    // Once it answers, no dead connection of before is used again.
+    for _ in 0..20 {
+        assert_eq!(store.sample(10), Ok(vec![(addr(1), key(1))]));
+    }
     assert_eq!(store.counts(), Ok((1, 1)));
 }
 
