@@ -42,6 +42,9 @@ pub(crate) struct State {
     started: Instant,
     connections: Arc<Connections>,
     stats: Stats,
+    /// Held while counts move from `stats` to the store, and while STATS
+    /// reads both.
+    counting: std::sync::Mutex<()>,
     limits: Limiter,
 }
 
@@ -108,6 +111,7 @@ impl State {
             started: Instant::now(),
             connections,
             stats: Stats::default(),
+            counting: std::sync::Mutex::default(),
             limits: Limiter::new(config.limits.clone(), config.ttl, config.max_registered),
         }
     }
@@ -142,6 +146,7 @@ impl State {
     /// Moves this relay's counts into the store; kept for the next time
     /// when the store is unavailable.
     fn flush_counters(&self) {
+        let _counting = self.counting.lock().unwrap_or_else(|p| p.into_inner());
         let taken: Vec<(&'static str, u64)> = self
             .stats
             .named()
@@ -529,6 +534,8 @@ impl State {
     /// this relay's counts not yet added to them; this relay's alone while
     /// the store is unavailable, without the store's sizes.
     fn stats(&self) -> Vec<(String, u64)> {
+        // Not while counts are on their way to the store (in neither place).
+        let counting = self.counting.lock().unwrap_or_else(|p| p.into_inner());
         let mut counts: HashMap<String, u64> = self
             .store
             .counters()
@@ -538,6 +545,7 @@ impl State {
         for (name, counter) in self.stats.named() {
             *counts.entry(name.to_string()).or_default() += counter.load(Ordering::Relaxed);
         }
+        drop(counting);
         let get = |name: &str| counts.get(name).copied().unwrap_or(0);
         let limited = self.limits.counters();
         let limited_total: u64 = limited.iter().map(|(_, n)| n).sum();
