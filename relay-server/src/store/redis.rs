@@ -43,7 +43,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// time, so more would only queue there.
 const POOL_SIZE: u32 = 32;
 /// Peers expired by one sweep script, so that one call stays short.
-const SWEEP_BATCH: usize = 1000;
+const SWEEP_BATCH: usize = 100;
 /// Runs of the registry one PEERS sample is drawn from.
 const SAMPLE_RUNS: usize = 2;
 /// Names read by one listing script.
