@@ -275,6 +275,19 @@ pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A temporary folder holding `files` (name, content), subfolders made.
+pub fn folder_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("write the test folder");
+    for (name, content) in files {
+        let path = dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).expect("write the test folder");
+        }
+        fs::write(path, content).expect("write the test folder");
+    }
+    dir
+}
+
 /// Asks the relay directly for its live peers.
 /// A relay at its connection cap for a moment (a test that gives it two
 /// slots, say, while a peer announces) lists nobody: callers poll with
