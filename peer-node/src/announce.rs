@@ -1,9 +1,12 @@
-//! Keeping this peer on the relay's list and in its index: announce at
+//! Keeping this peer on each relay's list and in its index: announce at
 //! start, heartbeat on an interval (and at once when the folder changes),
 //! send the list of files when the relay asks for it, retry with backoff
-//! while the relay is away, and unregister on the way out. One thread does
-//! all of it, so UNREGISTER is always the last thing the relay hears from
-//! this peer: no heartbeat can overtake it and list a stopped peer again.
+//! while the relay is away, and unregister on the way out. One thread per
+//! relay does all of it for that relay, so UNREGISTER is always the last
+//! thing a relay hears from this peer: no heartbeat can overtake it and
+//! list a stopped peer again. The relays are told independently: each has
+//! its own thread, its own knowledge of what it holds and its own backoff,
+//! so that one that is down or frozen costs the others nothing.
 
 use std::{
     net::{IpAddr, TcpStream},
@@ -11,6 +14,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
     },
+    thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -39,30 +43,135 @@ pub(crate) const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// announcing: saving a file is often several events.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// The announcers of one peer, one per relay.
+pub(crate) struct Announcers {
+    each: Vec<Arc<Announcer>>,
+}
+
+impl Announcers {
+    pub(crate) fn new(
+        relays: &[String],
+        port: u16,
+        advertise: Option<IpAddr>,
+        heartbeat: Duration,
+        timeout: Duration,
+        peer: &Arc<Peer>,
+    ) -> Self {
+        let stamps = Arc::new(Stamps::default());
+        let each = relays
+            .iter()
+            .map(|relay| {
+                Arc::new(Announcer {
+                    relay: relay.clone(),
+                    port,
+                    advertise,
+                    heartbeat,
+                    timeout,
+                    peer: Arc::clone(peer),
+                    in_flight: Mutex::new(None),
+                    wake: Wake::default(),
+                    legacy: AtomicBool::new(false),
+                    left_out: AtomicUsize::new(0),
+                    stamps: Arc::clone(&stamps),
+                    incomplete: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        Announcers { each }
+    }
+
+    /// One announcer per relay, each to be run on a thread of its own.
+    pub(crate) fn each(&self) -> &[Arc<Announcer>] {
+        &self.each
+    }
+
+    /// The folder changed: every relay is to hear of it.
+    pub(crate) fn nudge(&self) {
+        for announcer in &self.each {
+            announcer.wake.nudge();
+        }
+    }
+
+    /// A hash was finished: each announcer whose last list lacked files
+    /// announces at once.
+    pub(crate) fn hashed(&self) {
+        for announcer in &self.each {
+            announcer.hashed();
+        }
+    }
+
+    /// Called after the shutdown signal: wakes the announcers, lets the
+    /// announcements in flight finish for up to `patience` (together, not
+    /// one after the other), so that each relay has carried its one out
+    /// before it hears UNREGISTER, then cuts the rest short, so that a
+    /// frozen relay cannot hold up the shutdown.
+    pub(crate) fn settle(&self, patience: Duration) {
+        self.nudge();
+        let deadline = Instant::now() + patience;
+        while self.each.iter().any(|a| a.lock_in_flight().is_some()) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        for announcer in &self.each {
+            let taken = announcer.lock_in_flight().take();
+            if let Some(stream) = taken {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// The times of this peer's signed requests, shared by its announcers:
+/// each later than the last, whichever relay it goes to, since a relay
+/// takes each key's requests in increasing order only (no replays), and
+/// relays may share what they know of a key.
+#[derive(Default)]
+struct Stamps {
+    last: AtomicU64,
+}
+
+impl Stamps {
+    /// The time for the next signed request, in Unix milliseconds: the
+    /// clock's, but always later than the last one.
+    fn next(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let previous = self
+            .last
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(now);
+        now.max(previous + 1)
+    }
+}
+
+/// What talks to one relay, on its own thread.
 pub(crate) struct Announcer {
     /// `host:port` of the relay, resolved again on every attempt.
-    pub(crate) relay: String,
+    relay: String,
     /// The port this peer serves on.
-    pub(crate) port: u16,
+    port: u16,
     /// The address to be listed under instead of the one seen by the relay.
-    pub(crate) advertise: Option<IpAddr>,
-    pub(crate) heartbeat: Duration,
-    pub(crate) timeout: Duration,
+    advertise: Option<IpAddr>,
+    heartbeat: Duration,
+    timeout: Duration,
     /// What is served, to list it.
-    pub(crate) peer: Arc<Peer>,
+    peer: Arc<Peer>,
     /// The connection of the announcement in flight, so that a shutdown
     /// can cut it short instead of waiting out a frozen relay.
-    pub(crate) in_flight: Mutex<Option<TcpStream>>,
+    in_flight: Mutex<Option<TcpStream>>,
     /// Wakes the announcer before its heartbeat is due.
-    pub(crate) wake: Wake,
+    wake: Wake,
     /// The relay answered that it has no index (an older relay): plain
     /// REGISTER heartbeats from then on.
     legacy: AtomicBool,
     /// Files left out of the last list sent, so that a warning is given
     /// when the number changes, not at every heartbeat.
     left_out: AtomicUsize,
-    /// The time of the last signed request.
-    last_ts: AtomicU64,
+    /// The times of the peer's signed requests, shared with the other
+    /// relays' announcers.
+    stamps: Arc<Stamps>,
     /// The last list computed left files out because they were still
     /// being hashed (or over a limit): a finished hash is then news.
     incomplete: AtomicBool,
@@ -119,30 +228,6 @@ impl AnnounceError {
 }
 
 impl Announcer {
-    pub(crate) fn new(
-        relay: String,
-        port: u16,
-        advertise: Option<IpAddr>,
-        heartbeat: Duration,
-        timeout: Duration,
-        peer: Arc<Peer>,
-    ) -> Self {
-        Announcer {
-            relay,
-            port,
-            advertise,
-            heartbeat,
-            timeout,
-            peer,
-            in_flight: Mutex::new(None),
-            wake: Wake::default(),
-            legacy: AtomicBool::new(false),
-            left_out: AtomicUsize::new(0),
-            last_ts: AtomicU64::new(0),
-            incomplete: AtomicBool::new(false),
-        }
-    }
-
     /// Announces now and then every heartbeat, or sooner when nudged,
     /// until shutdown; then unregisters, as its last word.
     pub(crate) fn run(&self, shutdown: &Shutdown) {
@@ -210,25 +295,9 @@ impl Announcer {
 
     /// A hash was finished: announce at once if the last list lacked files
     /// (a big file that was still being hashed), not otherwise.
-    pub(crate) fn hashed(&self) {
+    fn hashed(&self) {
         if self.incomplete.load(Ordering::SeqCst) {
             self.wake.nudge();
-        }
-    }
-
-    /// Called after the shutdown signal: wakes the announcer, lets an
-    /// announcement in flight finish for up to `patience`, so that the
-    /// relay has carried it out before it hears UNREGISTER, then cuts it
-    /// short, so that a frozen relay cannot hold up the shutdown.
-    pub(crate) fn settle(&self, patience: Duration) {
-        self.wake.nudge();
-        let deadline = Instant::now() + patience;
-        while self.lock_in_flight().is_some() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let taken = self.lock_in_flight().take();
-        if let Some(stream) = taken {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }
 
@@ -356,7 +425,7 @@ impl Announcer {
         let auth = self
             .peer
             .identity
-            .authorize(&request.canonical(), self.stamp());
+            .authorize(&request.canonical(), self.stamps.next());
         call.send(|w| {
             request.write_signed_to(&auth, w)?;
             match body {
@@ -365,22 +434,6 @@ impl Announcer {
             }
         })?;
         Ok(call.receive(|r| Response::read_from(r))?)
-    }
-
-    /// The time for the next signed request, in Unix milliseconds: the
-    /// clock's, but always later than the last one, since the relay takes
-    /// each key's requests in increasing order only (no replays).
-    fn stamp(&self) -> u64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let previous = self
-            .last_ts
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
-                Some(now.max(last + 1))
-            })
-            .unwrap_or(now);
-        now.max(previous + 1)
     }
 
     /// Asks the relay to forget this peer at once.
