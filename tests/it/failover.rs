@@ -225,20 +225,20 @@ fn an_interactive_client_pays_one_timeout_when_its_relay_freezes_then_sticks_to_
             }
         }
     });
-    let mut fetch = |name: &str| {
+    // Asks for NAME.txt and waits for its content, one line.
+    let fetch = |input: &mut std::process::ChildStdin, name: &str| {
         writeln!(input, "{name}.txt").unwrap();
         let expected = format!("file {name}");
         let line = lines.recv_timeout(STEP).expect("the file's content");
         assert_eq!(line, expected);
     };
-    fetch("a");
+    fetch(&mut input, "a");
     a.signal("STOP");
     let started = Instant::now();
     for name in ["b", "c", "d", "e"] {
-        fetch(name);
+        fetch(&mut input, name);
     }
     let took = started.elapsed();
-    drop(fetch);
     drop(input);
     let out = wait_output(child);
     reader.join().unwrap();
