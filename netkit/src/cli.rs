@@ -226,17 +226,22 @@ pub fn parse_relay(s: &str) -> Result<String, String> {
 /// environment variable `env`, each once. At least one and at most
 /// [`MAX_RELAYS`].
 pub fn relay_list(
-    positional: Option<(String, u16)>,
+    host: Option<String>,
+    port: Option<u16>,
     more: Vec<String>,
     env: &str,
 ) -> Result<Vec<String>, String> {
-    let first = positional.map(|(host, port)| {
-        if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
+    // Checked here rather than by clap (`requires`), which would also ask
+    // for the port before `--completions` and `--man`.
+    let first = match (host, port) {
+        (Some(host), Some(port)) if host.contains(':') && !host.starts_with('[') => {
+            Some(format!("[{host}]:{port}"))
         }
-    });
+        (Some(host), Some(port)) => Some(format!("{host}:{port}")),
+        (Some(host), None) => return Err(format!("relay host {host} given without its port")),
+        (None, Some(port)) => return Err(format!("relay port {port} given without its host")),
+        (None, None) => None,
+    };
     let mut relays: Vec<String> = Vec::new();
     for relay in first.into_iter().chain(more) {
         // Host names do not care about case: one relay is asked once.
@@ -321,7 +326,8 @@ mod tests {
     fn the_positional_relay_comes_first_and_each_relay_once() {
         let list = |positional: Option<(&str, u16)>, more: &[&str]| {
             relay_list(
-                positional.map(|(h, p)| (h.to_string(), p)),
+                positional.map(|(h, _)| h.to_string()),
+                positional.map(|(_, p)| p),
                 more.iter().map(|s| s.to_string()).collect(),
                 "RELAYS",
             )
@@ -332,6 +338,13 @@ mod tests {
         );
         assert_eq!(list(Some(("::1", 1)), &[]).unwrap(), ["[::1]:1"]);
         assert!(list(None, &[]).unwrap_err().contains("in RELAYS"));
+        let half = |host: Option<&str>, port| relay_list(host.map(String::from), port, vec![], "R");
+        assert!(half(Some("a"), None)
+            .unwrap_err()
+            .contains("without its port"));
+        assert!(half(None, Some(1))
+            .unwrap_err()
+            .contains("without its host"));
         let many: Vec<String> = (1..=17).map(|p| format!("a:{p}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert_eq!(list(None, &many[..16]).unwrap().len(), 16);

@@ -39,7 +39,7 @@ use crate::{
 pub struct Args {
     /// Host name or IP address of the relay (the first one, when --relay
     /// names more)
-    #[arg(env = "PEER_CLIENT_RELAY_HOST", requires = "port")]
+    #[arg(env = "PEER_CLIENT_RELAY_HOST")]
     host: Option<String>,
     /// TCP port of the relay
     #[arg(env = "PEER_CLIENT_RELAY_PORT")]
@@ -174,7 +174,8 @@ impl Args {
 /// Carries out one command line.
 pub fn run(mut args: Args) -> Result<(), Failure> {
     let relays = netkit::cli::relay_list(
-        args.host.take().zip(args.port),
+        args.host.take(),
+        args.port,
         std::mem::take(&mut args.relays),
         "PEER_CLIENT_RELAYS",
     )

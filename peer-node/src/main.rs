@@ -18,7 +18,7 @@ use netkit::cli;
 struct Args {
     /// Host name or IP address of the relay (the first one, when --relay
     /// names more)
-    #[arg(env = "PEER_RELAY_HOST", requires = "relay_port")]
+    #[arg(env = "PEER_RELAY_HOST")]
     relay_host: Option<String>,
     /// TCP port of the relay
     #[arg(env = "PEER_RELAY_PORT")]
@@ -87,7 +87,8 @@ struct Args {
 fn main() -> ExitCode {
     let mut args: Args = cli::parse(1);
     let relays = cli::relay_list(
-        args.relay_host.take().zip(args.relay_port),
+        args.relay_host.take(),
+        args.relay_port,
         std::mem::take(&mut args.relays),
         "PEER_RELAYS",
     )

@@ -75,7 +75,10 @@ fn a_missing_or_bad_relay_list_is_a_usage_error() {
         };
         for (args, says) in [
             (with_dir(&[]), "no relay given"),
-            (with_dir(&["127.0.0.1"]), "PORT>"),
+            (
+                with_dir(&["127.0.0.1"]),
+                "relay host 127.0.0.1 given without its port",
+            ),
             (
                 with_dir(&["--relay", "127.0.0.1"]),
                 "\"127.0.0.1\" is not HOST:PORT",
