@@ -285,14 +285,25 @@ mod tests {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         // Each refused for what it is, not by accident further on.
-        for (bad, says) in [
-            ("", "not a whole number"),
-            ("K", "not a whole number"),
-            ("1.5M", "not a whole number"),
-            ("10X", "the suffix must be"),
-            ("99999999999T", "too big"),
-        ] {
-            let e = parse_size(bad).unwrap_err();
+        refused_saying(
+            parse_size,
+            &[
+                ("", "not a whole number"),
+                ("K", "not a whole number"),
+                ("1.5M", "not a whole number"),
+                ("10X", "the suffix must be"),
+                ("99999999999T", "too big"),
+            ],
+        );
+    }
+
+    /// `parse` refuses each input with an error that says what is given.
+    fn refused_saying<T: std::fmt::Debug>(
+        parse: fn(&str) -> Result<T, String>,
+        cases: &[(&str, &str)],
+    ) {
+        for (bad, says) in cases {
+            let e = parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad:?}: {e}");
         }
     }
@@ -307,19 +318,19 @@ mod tests {
         ] {
             assert_eq!(parse_relay(good), Ok(good.trim().to_string()), "{good}");
         }
-        for (bad, says) in [
-            ("relay", "not HOST:PORT"),
-            (":8888", "not HOST:PORT"),
-            ("a b:8888", "not HOST:PORT"),
-            ("a:0", "from 1 to 65535"),
-            ("a:65536", "from 1 to 65535"),
-            ("a:http", "from 1 to 65535"),
-            ("::1:8888", "in brackets"),
-            ("[relay]:8888", "not an IPv6 address"),
-        ] {
-            let e = parse_relay(bad).unwrap_err();
-            assert!(e.contains(says), "{bad:?}: {e}");
-        }
+        refused_saying(
+            parse_relay,
+            &[
+                ("relay", "not HOST:PORT"),
+                (":8888", "not HOST:PORT"),
+                ("a b:8888", "not HOST:PORT"),
+                ("a:0", "from 1 to 65535"),
+                ("a:65536", "from 1 to 65535"),
+                ("a:http", "from 1 to 65535"),
+                ("::1:8888", "in brackets"),
+                ("[relay]:8888", "not an IPv6 address"),
+            ],
+        );
     }
 
     #[test]

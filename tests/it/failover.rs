@@ -142,12 +142,18 @@ fn a_frozen_relay_does_not_delay_heartbeats_to_the_others() {
     );
 }
 
-#[test]
-fn a_client_whose_first_relay_is_dead_gets_its_answer_from_the_next() {
+/// A relay in this process, and a peer holding `a.txt` ("a\n") indexed there.
+fn one_relay_with_a_file() -> (Server, tempfile::TempDir, Server) {
     let relay = Server::relay_here(|_| {});
     let dir = folder_with(&[("a.txt", b"a\n")]);
-    let _peer = peer_of(&[relay.addr], dir.path(), |_| {});
+    let peer = peer_of(&[relay.addr], dir.path(), |_| {});
     eventually("indexed", || stat(relay.addr, "holdings") == 1);
+    (relay, dir, peer)
+}
+
+#[test]
+fn a_client_whose_first_relay_is_dead_gets_its_answer_from_the_next() {
+    let (relay, _dir, _peer) = one_relay_with_a_file();
     let dead = dead_port();
     let out = get(&[dead, relay.addr], &[], "a.txt");
     assert!(out.status.success(), "{}", stderr(&out));
@@ -164,10 +170,7 @@ fn a_client_whose_first_relay_is_dead_gets_its_answer_from_the_next() {
 
 #[test]
 fn a_client_whose_first_relay_is_frozen_gets_its_answer_from_the_next_within_one_timeout() {
-    let relay = Server::relay_here(|_| {});
-    let dir = folder_with(&[("a.txt", b"a\n")]);
-    let _peer = peer_of(&[relay.addr], dir.path(), |_| {});
-    eventually("indexed", || stat(relay.addr, "holdings") == 1);
+    let (relay, _dir, _peer) = one_relay_with_a_file();
     let frozen = frozen_relay();
     let frozen_addr = frozen.local_addr().unwrap();
     let started = Instant::now();
@@ -299,10 +302,7 @@ impl Drop for Canned {
 
 #[test]
 fn a_relay_in_trouble_is_passed_over_but_an_answer_about_the_request_is_taken() {
-    let relay = Server::relay_here(|_| {});
-    let dir = folder_with(&[("a.txt", b"a\n")]);
-    let _peer = peer_of(&[relay.addr], dir.path(), |_| {});
-    eventually("indexed", || stat(relay.addr, "holdings") == 1);
+    let (relay, _dir, _peer) = one_relay_with_a_file();
     for trouble in [
         "ERR busy too many connections\n",
         "ERR internal the disk is on fire\n",
