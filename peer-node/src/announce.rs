@@ -14,7 +14,6 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
     },
-    thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -46,6 +45,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// The announcers of one peer, one per relay.
 pub(crate) struct Announcers {
     each: Vec<Arc<Announcer>>,
+    shared: Arc<Shared>,
 }
 
 impl Announcers {
@@ -57,7 +57,7 @@ impl Announcers {
         timeout: Duration,
         peer: &Arc<Peer>,
     ) -> Self {
-        let stamps = Arc::new(Stamps::default());
+        let shared = Arc::new(Shared::default());
         let each = relays
             .iter()
             .map(|relay| {
@@ -72,12 +72,12 @@ impl Announcers {
                     wake: Wake::default(),
                     legacy: AtomicBool::new(false),
                     left_out: AtomicUsize::new(0),
-                    stamps: Arc::clone(&stamps),
+                    shared: Arc::clone(&shared),
                     incomplete: AtomicBool::new(false),
                 })
             })
             .collect();
-        Announcers { each }
+        Announcers { each, shared }
     }
 
     /// One announcer per relay, each to be run on a thread of its own.
@@ -107,10 +107,7 @@ impl Announcers {
     /// frozen relay cannot hold up the shutdown.
     pub(crate) fn settle(&self, patience: Duration) {
         self.nudge();
-        let deadline = Instant::now() + patience;
-        while self.each.iter().any(|a| a.lock_in_flight().is_some()) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
+        self.shared.wait_idle(patience);
         for announcer in &self.each {
             let taken = announcer.lock_in_flight().take();
             if let Some(stream) = taken {
@@ -120,29 +117,67 @@ impl Announcers {
     }
 }
 
-/// The times of this peer's signed requests, shared by its announcers:
-/// each later than the last, whichever relay it goes to, since a relay
-/// takes each key's requests in increasing order only (no replays), and
-/// relays may share what they know of a key.
+/// What the announcers of one peer share.
 #[derive(Default)]
-struct Stamps {
-    last: AtomicU64,
+struct Shared {
+    /// The time of the last signed request, in Unix milliseconds.
+    last_ts: AtomicU64,
+    /// Requests in flight, to any relay.
+    busy: Mutex<usize>,
+    /// Told when no request is in flight any more.
+    idle: Condvar,
 }
 
-impl Stamps {
+impl Shared {
     /// The time for the next signed request, in Unix milliseconds: the
-    /// clock's, but always later than the last one.
-    fn next(&self) -> u64 {
+    /// clock's, but always later than the last one, whichever relay it
+    /// goes to, since a relay takes each key's requests in increasing
+    /// order only (no replays), and relays may share what they know of a
+    /// key.
+    fn stamp(&self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let previous = self
-            .last
+            .last_ts
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
                 Some(now.max(last + 1))
             })
             .unwrap_or(now);
         now.max(previous + 1)
+    }
+
+    fn lock_busy(&self) -> MutexGuard<'_, usize> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    fn begin(&self) -> Busy<'_> {
+        *self.lock_busy() += 1;
+        Busy(self)
+    }
+
+    /// Waits until no request is in flight to any relay, or `patience`
+    /// has passed.
+    fn wait_idle(&self, patience: Duration) {
+        let busy = self.lock_busy();
+        let _ = self
+            .idle
+            .wait_timeout_while(busy, patience, |busy| *busy > 0)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+/// A request in flight, counted in [`Shared`] while it lives.
+struct Busy<'a>(&'a Shared);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.0.lock_busy();
+        *busy = busy.saturating_sub(1);
+        if *busy == 0 {
+            self.0.idle.notify_all();
+        }
     }
 }
 
@@ -169,9 +204,9 @@ pub(crate) struct Announcer {
     /// Files left out of the last list sent, so that a warning is given
     /// when the number changes, not at every heartbeat.
     left_out: AtomicUsize,
-    /// The times of the peer's signed requests, shared with the other
-    /// relays' announcers.
-    stamps: Arc<Stamps>,
+    /// The clock of signed requests and the count of requests in flight,
+    /// shared with the other relays' announcers.
+    shared: Arc<Shared>,
     /// The last list computed left files out because they were still
     /// being hashed (or over a limit): a finished hash is then news.
     incomplete: AtomicBool,
@@ -290,6 +325,11 @@ impl Announcer {
                 }
             }
         }
+        // Relays may share one store: an announcement still on its way to
+        // another relay must not be carried out after this UNREGISTER and
+        // list the stopped peer again. Each waits for all (the shutdown
+        // cuts those to a frozen relay short).
+        self.shared.wait_idle(UNREGISTER_TIMEOUT);
         self.unregister();
     }
 
@@ -400,10 +440,12 @@ impl Announcer {
         body: Option<&[Holding]>,
     ) -> Result<Response, AnnounceError> {
         let mut call = Call::connect(&self.relay, self.timeout)?;
+        let _counted = self.shared.begin();
         {
             let mut in_flight = self.lock_in_flight();
-            // Checked after the connection is on record: a shutdown that
-            // came before is seen here, one that comes after waits for it.
+            // Checked after the request is counted and its connection on
+            // record: a shutdown that came before is seen here, one that
+            // comes after waits for it.
             if shutdown.is_triggered() {
                 return Err(AnnounceError::ShuttingDown);
             }
@@ -425,7 +467,7 @@ impl Announcer {
         let auth = self
             .peer
             .identity
-            .authorize(&request.canonical(), self.stamps.next());
+            .authorize(&request.canonical(), self.shared.stamp());
         call.send(|w| {
             request.write_signed_to(&auth, w)?;
             match body {

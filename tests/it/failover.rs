@@ -256,40 +256,52 @@ fn an_interactive_client_pays_one_timeout_when_its_relay_freezes_then_sticks_to_
     assert_eq!(stderr(&out).matches(&warned).count(), 1, "{}", stderr(&out));
 }
 
-/// A relay of the test's own that answers every request with `reply`,
-/// until dropped.
-struct Canned {
+/// A relay of the test's own: runs `handle` on each connection, each in a
+/// thread of its own, until dropped.
+struct FakeRelay {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Canned {
-    fn new(reply: &'static str) -> Canned {
+impl FakeRelay {
+    fn new(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> FakeRelay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
+        let handle = Arc::new(handle);
         let thread = thread::spawn(move || {
+            let mut handlers = Vec::new();
             for stream in listener.incoming() {
                 if stopped.load(Ordering::SeqCst) {
                     break;
                 }
-                let Ok(mut stream) = stream else { continue };
-                let mut line = String::new();
-                let _ = BufReader::new(&stream).read_line(&mut line);
-                let _ = stream.write_all(reply.as_bytes());
+                let Ok(stream) = stream else { continue };
+                let handle = Arc::clone(&handle);
+                handlers.push(thread::spawn(move || handle(stream)));
+            }
+            for handler in handlers {
+                let _ = handler.join();
             }
         });
-        Canned {
+        FakeRelay {
             addr,
             stop,
             thread: Some(thread),
         }
     }
+
+    /// Answers every request with `reply`.
+    fn canned(reply: &'static str) -> FakeRelay {
+        FakeRelay::new(move |mut stream| {
+            let _ = request_line(&stream);
+            let _ = stream.write_all(reply.as_bytes());
+        })
+    }
 }
 
-impl Drop for Canned {
+impl Drop for FakeRelay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wakes the accept.
@@ -298,6 +310,12 @@ impl Drop for Canned {
             let _ = thread.join();
         }
     }
+}
+
+fn request_line(stream: &TcpStream) -> String {
+    let mut line = String::new();
+    let _ = BufReader::new(stream).read_line(&mut line);
+    line
 }
 
 #[test]
@@ -310,7 +328,7 @@ fn a_relay_in_trouble_is_passed_over_but_an_answer_about_the_request_is_taken() 
         "ERR some-new-code whatever it is\n",
         "NONSENSE\n",
     ] {
-        let first = Canned::new(trouble);
+        let first = FakeRelay::canned(trouble);
         let out = get(&[first.addr, relay.addr], &[], "a.txt");
         assert!(out.status.success(), "{trouble}: {}", stderr(&out));
         assert_eq!(stdout(&out), "a\n", "{trouble}");
@@ -321,7 +339,7 @@ fn a_relay_in_trouble_is_passed_over_but_an_answer_about_the_request_is_taken() 
         ("ERR bad-request what is that\n", 3, "bad-request"),
         ("HOLDERS 0\n", 1, "not found"),
     ] {
-        let first = Canned::new(answer);
+        let first = FakeRelay::canned(answer);
         let lookups = stat(relay.addr, "index_lookups");
         let out = get(&[first.addr, relay.addr], &[], "a.txt");
         assert_eq!(out.status.code(), Some(code), "{answer}: {}", stderr(&out));
@@ -413,4 +431,59 @@ fn the_binaries_take_relay_flags_and_fail_over() {
     // The positional form alone still works.
     let out = client(b.addr, &["get", "a.txt"], "");
     assert_eq!(stdout(&out), "a\n", "{}", stderr(&out));
+}
+
+/// A relay of the test's own that answers a peer's ANNOUNCE (as a relay
+/// that holds its list) and UNREGISTER, and tells `done` "NAME VERB" when
+/// it has carried each out; with `hold`, it holds the reply to the second
+/// ANNOUNCE back for that long, after saying so on `held`.
+fn recording(
+    name: &'static str,
+    done: mpsc::Sender<String>,
+    hold: Option<(Duration, mpsc::Sender<()>)>,
+) -> FakeRelay {
+    let announces = std::sync::atomic::AtomicUsize::new(0);
+    let (done, hold) = (std::sync::Mutex::new(done), std::sync::Mutex::new(hold));
+    FakeRelay::new(move |mut stream| {
+        let line = request_line(&stream);
+        let verb = line.split(' ').nth(1).unwrap_or("").to_string();
+        let reply = if verb == "ANNOUNCE" {
+            if announces.fetch_add(1, Ordering::SeqCst) == 1 {
+                if let Some((pause, held)) = &*hold.lock().unwrap() {
+                    let _ = held.send(());
+                    thread::sleep(*pause);
+                }
+            }
+            "REGISTERED 90\n"
+        } else {
+            "UNREGISTERED\n"
+        };
+        let _ = done.lock().unwrap().send(format!("{name} {verb}"));
+        let _ = stream.write_all(reply.as_bytes());
+    })
+}
+
+/// Relays may share their state (one store): the peer's UNREGISTER to one
+/// must not be overtaken by an announcement still on its way to another,
+/// which would list the stopped peer again.
+#[test]
+fn no_relay_carries_out_an_announcement_after_an_unregister() {
+    let (done, carried_out) = mpsc::channel();
+    let (held_tx, held) = mpsc::channel();
+    let quick = recording("A", done.clone(), None);
+    let slow = recording("B", done, Some((Duration::from_millis(500), held_tx)));
+    let dir = folder_with(&[]);
+    let mut peer = peer_of(&[quick.addr, slow.addr], dir.path(), |c| {
+        c.heartbeat = Duration::from_millis(100)
+    });
+    // Stop while B is still working on an announcement.
+    held.recv_timeout(STEP).unwrap();
+    peer.stop_here();
+    let order: Vec<String> = carried_out.try_iter().collect();
+    let unregisters: Vec<usize> = (0..order.len())
+        .filter(|&i| order[i].ends_with(" UNREGISTER"))
+        .collect();
+    assert_eq!(unregisters.len(), 2, "one from each relay: {order:?}");
+    let last_announce = order.iter().rposition(|e| e.ends_with(" ANNOUNCE"));
+    assert!(last_announce < Some(unregisters[0]), "{order:?}");
 }
