@@ -439,6 +439,15 @@ impl Announcer {
         request: &Request,
         body: Option<&[Holding]>,
     ) -> Result<Response, AnnounceError> {
+        again_if_stale(&self.relay, || self.exchange_once(shutdown, request, body))
+    }
+
+    fn exchange_once(
+        &self,
+        shutdown: &Shutdown,
+        request: &Request,
+        body: Option<&[Holding]>,
+    ) -> Result<Response, AnnounceError> {
         let mut call = Call::connect(&self.relay, self.timeout)?;
         let _counted = self.shared.begin();
         {
@@ -486,9 +495,11 @@ impl Announcer {
             port: self.port,
             host: self.advertise,
         };
-        let outcome = Call::connect(&self.relay, timeout)
-            .map_err(AnnounceError::from)
-            .and_then(|mut call| self.send(&mut call, &request, None));
+        let outcome = again_if_stale(&self.relay, || {
+            Call::connect(&self.relay, timeout)
+                .map_err(AnnounceError::from)
+                .and_then(|mut call| self.send(&mut call, &request, None))
+        });
         match outcome {
             Ok(Response::Unregistered) => info!("unregistered from relay {}", self.relay),
             Ok(other) => warn!(
@@ -498,6 +509,26 @@ impl Announcer {
             ),
             Err(e) => warn!("cannot unregister from relay {}: {e}", self.relay),
         }
+    }
+}
+
+/// Makes the request of `attempt` again, once, with a new time, when the
+/// relay refused it as not newer than one it has accepted: relays that
+/// share one store hear this peer's requests to all of them, and two sent
+/// at once to two relays can reach the store in the other order, the
+/// later time first. That is no replay, and no reason to back off.
+fn again_if_stale(
+    relay: &str,
+    attempt: impl Fn() -> Result<Response, AnnounceError>,
+) -> Result<Response, AnnounceError> {
+    match attempt() {
+        Ok(Response::Error(e))
+            if e.code == ErrorCode::Forbidden && e.message.starts_with("not newer than") =>
+        {
+            debug!("relay {relay} took a request for a replay: sending it again");
+            attempt()
+        }
+        other => other,
     }
 }
 

@@ -487,3 +487,42 @@ fn no_relay_carries_out_an_announcement_after_an_unregister() {
     let last_announce = order.iter().rposition(|e| e.ends_with(" ANNOUNCE"));
     assert!(last_announce < Some(unregisters[0]), "{order:?}");
 }
+
+/// What relays on one store answer when two of the peer's requests, sent
+/// at once to two of them, reach it in the other order: the refused one is
+/// sent again at once, with a new time, not after a backoff.
+#[test]
+fn a_request_taken_for_a_replay_is_sent_again_at_once_with_a_new_time() {
+    let (tx, seen) = mpsc::channel();
+    let (tx, first) = (std::sync::Mutex::new(tx), AtomicBool::new(true));
+    let relay = FakeRelay::new(move |mut stream| {
+        let line = request_line(&stream);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let ts = words
+            .iter()
+            .position(|w| *w == "TS")
+            .and_then(|i| words.get(i + 1)?.parse::<u64>().ok());
+        let _ = tx.lock().unwrap().send((Instant::now(), ts));
+        let reply = if first.swap(false, Ordering::SeqCst) {
+            "ERR forbidden not newer than a request already accepted from this key (a replay?)\n"
+        } else if words.get(1) == Some(&"ANNOUNCE") {
+            "REGISTERED 90\n"
+        } else {
+            "UNREGISTERED\n"
+        };
+        let _ = stream.write_all(reply.as_bytes());
+    });
+    let dir = folder_with(&[]);
+    let _peer = peer_of(&[relay.addr], dir.path(), |c| {
+        c.heartbeat = Duration::from_secs(3600)
+    });
+    let (refused_at, refused_ts) = seen.recv_timeout(STEP).unwrap();
+    let (again_at, again_ts) = seen.recv_timeout(STEP).unwrap();
+    assert!(again_ts > refused_ts, "{again_ts:?} after {refused_ts:?}");
+    // A backoff would be a second.
+    assert!(
+        again_at - refused_at < Duration::from_millis(500),
+        "{:?}",
+        again_at - refused_at
+    );
+}
