@@ -526,3 +526,58 @@ fn a_request_taken_for_a_replay_is_sent_again_at_once_with_a_new_time() {
         again_at - refused_at
     );
 }
+
+/// Two relays on one Redis, the peer and the client given both (the real
+/// binaries): the relay the client uses frozen, then killed, costs the
+/// client one timeout and loses no registration; the peer's requests to
+/// both relays, which meet in one store, are all taken.
+#[test]
+fn relays_on_one_store_fail_over_for_peers_and_clients() {
+    let Some(redis) = relay_server::testing::RedisServer::start(
+        "relays_on_one_store_fail_over_for_peers_and_clients",
+    ) else {
+        return;
+    };
+    let url = redis.url();
+    let mut a = Server::relay(&["--store", &url]);
+    let b = Server::relay(&["--store", &url]);
+    let dir = folder_with(&[("a.txt", b"a\n")]);
+    let (a_arg, b_arg) = (a.addr.to_string(), b.addr.to_string());
+    let mut peer = Server::peer(a.addr, dir.path(), &["--relay", &b_arg, "--heartbeat", "1"]);
+    eventually("the peer's file is indexed", || {
+        stat(b.addr, "holdings") == 1
+    });
+    let args = [
+        "--relay",
+        &a_arg,
+        "--relay",
+        &b_arg,
+        "--timeout",
+        "2",
+        "get",
+        "a.txt",
+    ];
+    let out = client_with(&args, &[], "");
+    assert_eq!(stdout(&out), "a\n", "{}", stderr(&out));
+    a.signal("STOP");
+    let started = Instant::now();
+    let out = client_with(&args, &[], "");
+    assert_eq!(stdout(&out), "a\n", "{}", stderr(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    a.signal("KILL");
+    a.wait_exit();
+    // A few heartbeats to both, then to B alone.
+    let before = stat(b.addr, "registrations");
+    eventually("heartbeats go on through B", || {
+        stat(b.addr, "registrations") >= before + 3
+    });
+    assert_eq!(live_peers(b.addr).len(), 1);
+    assert!(!peer.log().contains("a replay?"), "{}", peer.log());
+    peer.signal("TERM");
+    assert_eq!(peer.wait_exit(), Some(0), "{}", peer.log());
+    assert!(live_peers(b.addr).is_empty());
+}
