@@ -1,6 +1,7 @@
 //! What every binary's command line has: `--completions SHELL` and `--man`
 //! (generated from the clap definition, so they never go stale), `-v`/`-q`
-//! logging, and the bound address as the first line of stdout.
+//! logging, the bound address as the first line of stdout, and the list of
+//! relays a peer or a client is given.
 
 use std::{
     io::{self, Write},
@@ -9,7 +10,7 @@ use std::{
 
 use crate::server::Running;
 
-use clap::{FromArgMatches, Parser};
+use clap::{error::ErrorKind, CommandFactory, FromArgMatches, Parser};
 
 /// The `--completions` and `--man` options; flatten into a binary's arguments.
 #[derive(clap::Args)]
@@ -42,6 +43,14 @@ pub fn parse<A: Parser>(failure_code: i32) -> A {
         std::process::exit(0);
     }
     A::parse()
+}
+
+/// Exits as clap does on a usage mistake (the message, the usage line,
+/// exit code 2), for a mistake that only shows after parsing.
+pub fn usage_error<A: CommandFactory>(message: impl std::fmt::Display) -> ! {
+    A::command()
+        .error(ErrorKind::ValueValidation, message)
+        .exit()
 }
 
 impl Docs {
@@ -178,6 +187,78 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too big"))
 }
 
+/// Most relays a peer or a client takes: each costs a peer a thread and a
+/// heartbeat, and a client one timeout when it is down.
+pub const MAX_RELAYS: usize = 16;
+
+/// The value parser of `--relay`: `HOST:PORT`, an IPv6 address in
+/// brackets (`[::1]:8888`), kept as written.
+pub fn parse_relay(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("{s:?} is not HOST:PORT"));
+    };
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(ip) => {
+            ip.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("{s:?}: {ip:?} is not an IPv6 address"))?;
+        }
+        None if host.contains(':') => {
+            return Err(format!(
+                "{s:?}: an IPv6 address goes in brackets, as in [::1]:8888"
+            ))
+        }
+        None if host.is_empty()
+            || host.contains(|c: char| c.is_whitespace() || "[],".contains(c)) =>
+        {
+            return Err(format!("{s:?} is not HOST:PORT"))
+        }
+        None => {}
+    }
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(s.to_string()),
+        _ => Err(format!("{s:?}: the port must be a number from 1 to 65535")),
+    }
+}
+
+/// The relays to use, in order: the positional `HOST PORT` (the older form
+/// of the command line) first when given, then those of `--relay` or the
+/// environment variable `env`, each once. At least one and at most
+/// [`MAX_RELAYS`].
+pub fn relay_list(
+    host: Option<String>,
+    port: Option<u16>,
+    more: Vec<String>,
+    env: &str,
+) -> Result<Vec<String>, String> {
+    // Checked here rather than by clap (`requires`), which would also ask
+    // for the port before `--completions` and `--man`.
+    let first = match (host, port) {
+        (Some(host), Some(port)) if host.contains(':') && !host.starts_with('[') => {
+            Some(format!("[{host}]:{port}"))
+        }
+        (Some(host), Some(port)) => Some(format!("{host}:{port}")),
+        (Some(host), None) => return Err(format!("relay host {host} given without its port")),
+        (None, Some(port)) => return Err(format!("relay port {port} given without its host")),
+        (None, None) => None,
+    };
+    let mut relays: Vec<String> = Vec::new();
+    for relay in first.into_iter().chain(more) {
+        // Host names do not care about case: one relay is asked once.
+        if !relays.iter().any(|r| r.eq_ignore_ascii_case(&relay)) {
+            relays.push(relay);
+        }
+    }
+    match relays.len() {
+        0 => Err(format!(
+            "no relay given: name one as HOST PORT, with --relay HOST:PORT, \
+             or in {env} (HOST:PORT,HOST:PORT)"
+        )),
+        n if n > MAX_RELAYS => Err(format!("{n} relays given; at most {MAX_RELAYS} are taken")),
+        _ => Ok(relays),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,16 +285,81 @@ mod tests {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         // Each refused for what it is, not by accident further on.
-        for (bad, says) in [
-            ("", "not a whole number"),
-            ("K", "not a whole number"),
-            ("1.5M", "not a whole number"),
-            ("10X", "the suffix must be"),
-            ("99999999999T", "too big"),
-        ] {
-            let e = parse_size(bad).unwrap_err();
+        refused_saying(
+            parse_size,
+            &[
+                ("", "not a whole number"),
+                ("K", "not a whole number"),
+                ("1.5M", "not a whole number"),
+                ("10X", "the suffix must be"),
+                ("99999999999T", "too big"),
+            ],
+        );
+    }
+
+    /// `parse` refuses each input with an error that says what is given.
+    fn refused_saying<T: std::fmt::Debug>(
+        parse: fn(&str) -> Result<T, String>,
+        cases: &[(&str, &str)],
+    ) {
+        for (bad, says) in cases {
+            let e = parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn relays_are_host_port_and_ipv6_in_brackets() {
+        for good in [
+            "relay.example.org:8888",
+            "127.0.0.1:1",
+            "[::1]:8888",
+            " a:65535 ",
+        ] {
+            assert_eq!(parse_relay(good), Ok(good.trim().to_string()), "{good}");
+        }
+        refused_saying(
+            parse_relay,
+            &[
+                ("relay", "not HOST:PORT"),
+                (":8888", "not HOST:PORT"),
+                ("a b:8888", "not HOST:PORT"),
+                ("a:0", "from 1 to 65535"),
+                ("a:65536", "from 1 to 65535"),
+                ("a:http", "from 1 to 65535"),
+                ("::1:8888", "in brackets"),
+                ("[relay]:8888", "not an IPv6 address"),
+            ],
+        );
+    }
+
+    #[test]
+    fn the_positional_relay_comes_first_and_each_relay_once() {
+        let list = |positional: Option<(&str, u16)>, more: &[&str]| {
+            relay_list(
+                positional.map(|(h, _)| h.to_string()),
+                positional.map(|(_, p)| p),
+                more.iter().map(|s| s.to_string()).collect(),
+                "RELAYS",
+            )
+        };
+        assert_eq!(
+            list(Some(("a", 1)), &["b:2", "A:1", "b:2", "c:3"]).unwrap(),
+            ["a:1", "b:2", "c:3"]
+        );
+        assert_eq!(list(Some(("::1", 1)), &[]).unwrap(), ["[::1]:1"]);
+        assert!(list(None, &[]).unwrap_err().contains("in RELAYS"));
+        let half = |host: Option<&str>, port| relay_list(host.map(String::from), port, vec![], "R");
+        assert!(half(Some("a"), None)
+            .unwrap_err()
+            .contains("without its port"));
+        assert!(half(None, Some(1))
+            .unwrap_err()
+            .contains("without its host"));
+        let many: Vec<String> = (1..=17).map(|p| format!("a:{p}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(list(None, &many[..16]).unwrap().len(), 16);
+        assert!(list(None, &many).unwrap_err().contains("at most 16"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::{discover::RelayError, fetch::FetchError, input::InputError, save::Sa
 /// Why a command of the client failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
-    /// The relay could not be asked, or answered wrongly.
+    /// No relay could be asked, or one answered wrongly.
     #[error(transparent)]
     Relay(#[from] RelayError),
     /// A fetch failed: not found, network, or the output.
@@ -20,6 +20,9 @@ pub enum Failure {
         /// The name, quoted, or the hash.
         what: String,
     },
+    /// A mistake on the command line that clap cannot see (no relay).
+    #[error("{0}")]
+    Usage(String),
     /// A glob that does not parse.
     #[error("invalid pattern: {0}")]
     Pattern(String),
@@ -54,7 +57,7 @@ impl Failure {
         match self {
             Failure::Fetch(e) if e.is_not_found() => 1,
             Failure::NotHeld { .. } => 1,
-            Failure::Pattern(_) => 2,
+            Failure::Pattern(_) | Failure::Usage(_) => 2,
             Failure::Fetch(FetchError::Output { .. } | FetchError::TooBig { .. }) => 4,
             Failure::Relay(_) | Failure::Fetch(_) | Failure::NoListing { .. } => 3,
             Failure::Stdout(_)

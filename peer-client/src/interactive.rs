@@ -29,8 +29,9 @@ commands:
 pub fn run(relay: &Relay, limits: Limits) -> Result<(), Failure> {
     let mut peers = relay.peers()?;
     eprintln!(
-        "{} live peers via relay {relay}; type a file name, or help",
-        peers.len()
+        "{} live peers via relay {}; type a file name, or help",
+        peers.len(),
+        relay.current()
     );
     let catalog = Catalog::default();
     let mut input = Input::open(relay, &catalog)?;

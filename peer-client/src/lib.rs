@@ -37,13 +37,20 @@ use crate::{
 #[derive(Parser)]
 #[command(name = "peer-client", version, about, after_help = EXIT_CODES)]
 pub struct Args {
-    /// Host name or IP address of the relay
+    /// Host name or IP address of the relay (the first one, when --relay
+    /// names more)
     #[arg(env = "PEER_CLIENT_RELAY_HOST")]
-    host: String,
+    host: Option<String>,
     /// TCP port of the relay
     #[arg(env = "PEER_CLIENT_RELAY_PORT")]
-    port: u16,
-    /// Seconds to wait for a connection, and for each read, before giving up on a peer
+    port: Option<u16>,
+    /// A relay to ask, as HOST:PORT; repeat it (or separate with commas)
+    /// for several: the first that answers is asked, the next when one is
+    /// down, slow or in trouble
+    #[arg(long = "relay", env = "PEER_CLIENT_RELAYS", value_name = "HOST:PORT", value_delimiter = ',', value_parser = netkit::cli::parse_relay)]
+    relays: Vec<String>,
+    /// Seconds to wait for a connection, and for each read, before giving
+    /// up on a peer or a relay
     #[arg(long, env = "PEER_CLIENT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
     /// The private network's secret file (64 hex digits, mode 0600), for a
@@ -165,7 +172,14 @@ impl Args {
 }
 
 /// Carries out one command line.
-pub fn run(args: Args) -> Result<(), Failure> {
+pub fn run(mut args: Args) -> Result<(), Failure> {
+    let relays = netkit::cli::relay_list(
+        args.host.take(),
+        args.port,
+        std::mem::take(&mut args.relays),
+        "PEER_CLIENT_RELAYS",
+    )
+    .map_err(Failure::Usage)?;
     save::clean_up_on_interrupt().map_err(Failure::Signal)?;
     let secret = args
         .network_secret
@@ -173,12 +187,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .map(netkit::cli::read_secret)
         .transpose()
         .map_err(Failure::Secret)?;
-    let relay = Relay {
-        host: args.host,
-        port: args.port,
-        timeout: Duration::from_secs(args.timeout),
-        secret,
-    };
+    let relay = Relay::new(relays, Duration::from_secs(args.timeout), secret);
     let limits = Limits {
         max_size: args.max_size,
         speed_limit: args.speed_limit,

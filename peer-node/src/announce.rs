@@ -1,9 +1,12 @@
-//! Keeping this peer on the relay's list and in its index: announce at
+//! Keeping this peer on each relay's list and in its index: announce at
 //! start, heartbeat on an interval (and at once when the folder changes),
 //! send the list of files when the relay asks for it, retry with backoff
-//! while the relay is away, and unregister on the way out. One thread does
-//! all of it, so UNREGISTER is always the last thing the relay hears from
-//! this peer: no heartbeat can overtake it and list a stopped peer again.
+//! while the relay is away, and unregister on the way out. One thread per
+//! relay does all of it for that relay, so UNREGISTER is always the last
+//! thing a relay hears from this peer: no heartbeat can overtake it and
+//! list a stopped peer again. The relays are told independently: each has
+//! its own thread, its own knowledge of what it holds and its own backoff,
+//! so that one that is down or frozen costs the others nothing.
 
 use std::{
     net::{IpAddr, TcpStream},
@@ -39,30 +42,171 @@ pub(crate) const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// announcing: saving a file is often several events.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// The announcers of one peer, one per relay.
+pub(crate) struct Announcers {
+    each: Vec<Arc<Announcer>>,
+    shared: Arc<Shared>,
+}
+
+impl Announcers {
+    pub(crate) fn new(
+        relays: &[String],
+        port: u16,
+        advertise: Option<IpAddr>,
+        heartbeat: Duration,
+        timeout: Duration,
+        peer: &Arc<Peer>,
+    ) -> Self {
+        let shared = Arc::new(Shared::default());
+        let each = relays
+            .iter()
+            .map(|relay| {
+                Arc::new(Announcer {
+                    relay: relay.clone(),
+                    port,
+                    advertise,
+                    heartbeat,
+                    timeout,
+                    peer: Arc::clone(peer),
+                    in_flight: Mutex::new(None),
+                    wake: Wake::default(),
+                    legacy: AtomicBool::new(false),
+                    left_out: AtomicUsize::new(0),
+                    shared: Arc::clone(&shared),
+                    incomplete: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        Announcers { each, shared }
+    }
+
+    /// One announcer per relay, each to be run on a thread of its own.
+    pub(crate) fn each(&self) -> &[Arc<Announcer>] {
+        &self.each
+    }
+
+    /// The folder changed: every relay is to hear of it.
+    pub(crate) fn nudge(&self) {
+        for announcer in &self.each {
+            announcer.wake.nudge();
+        }
+    }
+
+    /// A hash was finished: each announcer whose last list lacked files
+    /// announces at once.
+    pub(crate) fn hashed(&self) {
+        for announcer in &self.each {
+            announcer.hashed();
+        }
+    }
+
+    /// Called after the shutdown signal: wakes the announcers, lets the
+    /// announcements in flight finish for up to `patience` (together, not
+    /// one after the other), so that each relay has carried its one out
+    /// before it hears UNREGISTER, then cuts the rest short, so that a
+    /// frozen relay cannot hold up the shutdown.
+    pub(crate) fn settle(&self, patience: Duration) {
+        self.nudge();
+        self.shared.wait_idle(patience);
+        for announcer in &self.each {
+            let taken = announcer.lock_in_flight().take();
+            if let Some(stream) = taken {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// What the announcers of one peer share.
+#[derive(Default)]
+struct Shared {
+    /// The time of the last signed request, in Unix milliseconds.
+    last_ts: AtomicU64,
+    /// Requests in flight, to any relay.
+    busy: Mutex<usize>,
+    /// Told when no request is in flight any more.
+    idle: Condvar,
+}
+
+impl Shared {
+    /// The time for the next signed request, in Unix milliseconds: the
+    /// clock's, but always later than the last one, whichever relay it
+    /// goes to, since a relay takes each key's requests in increasing
+    /// order only (no replays), and relays may share what they know of a
+    /// key.
+    fn stamp(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let previous = self
+            .last_ts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(now);
+        now.max(previous + 1)
+    }
+
+    fn lock_busy(&self) -> MutexGuard<'_, usize> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    fn begin(&self) -> Busy<'_> {
+        *self.lock_busy() += 1;
+        Busy(self)
+    }
+
+    /// Waits until no request is in flight to any relay, or `patience`
+    /// has passed.
+    fn wait_idle(&self, patience: Duration) {
+        let busy = self.lock_busy();
+        let _ = self
+            .idle
+            .wait_timeout_while(busy, patience, |busy| *busy > 0)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+/// A request in flight, counted in [`Shared`] while it lives.
+struct Busy<'a>(&'a Shared);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.0.lock_busy();
+        *busy = busy.saturating_sub(1);
+        if *busy == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// What talks to one relay, on its own thread.
 pub(crate) struct Announcer {
     /// `host:port` of the relay, resolved again on every attempt.
-    pub(crate) relay: String,
+    relay: String,
     /// The port this peer serves on.
-    pub(crate) port: u16,
+    port: u16,
     /// The address to be listed under instead of the one seen by the relay.
-    pub(crate) advertise: Option<IpAddr>,
-    pub(crate) heartbeat: Duration,
-    pub(crate) timeout: Duration,
+    advertise: Option<IpAddr>,
+    heartbeat: Duration,
+    timeout: Duration,
     /// What is served, to list it.
-    pub(crate) peer: Arc<Peer>,
+    peer: Arc<Peer>,
     /// The connection of the announcement in flight, so that a shutdown
     /// can cut it short instead of waiting out a frozen relay.
-    pub(crate) in_flight: Mutex<Option<TcpStream>>,
+    in_flight: Mutex<Option<TcpStream>>,
     /// Wakes the announcer before its heartbeat is due.
-    pub(crate) wake: Wake,
+    wake: Wake,
     /// The relay answered that it has no index (an older relay): plain
     /// REGISTER heartbeats from then on.
     legacy: AtomicBool,
     /// Files left out of the last list sent, so that a warning is given
     /// when the number changes, not at every heartbeat.
     left_out: AtomicUsize,
-    /// The time of the last signed request.
-    last_ts: AtomicU64,
+    /// The clock of signed requests and the count of requests in flight,
+    /// shared with the other relays' announcers.
+    shared: Arc<Shared>,
     /// The last list computed left files out because they were still
     /// being hashed (or over a limit): a finished hash is then news.
     incomplete: AtomicBool,
@@ -119,30 +263,6 @@ impl AnnounceError {
 }
 
 impl Announcer {
-    pub(crate) fn new(
-        relay: String,
-        port: u16,
-        advertise: Option<IpAddr>,
-        heartbeat: Duration,
-        timeout: Duration,
-        peer: Arc<Peer>,
-    ) -> Self {
-        Announcer {
-            relay,
-            port,
-            advertise,
-            heartbeat,
-            timeout,
-            peer,
-            in_flight: Mutex::new(None),
-            wake: Wake::default(),
-            legacy: AtomicBool::new(false),
-            left_out: AtomicUsize::new(0),
-            last_ts: AtomicU64::new(0),
-            incomplete: AtomicBool::new(false),
-        }
-    }
-
     /// Announces now and then every heartbeat, or sooner when nudged,
     /// until shutdown; then unregisters, as its last word.
     pub(crate) fn run(&self, shutdown: &Shutdown) {
@@ -205,30 +325,19 @@ impl Announcer {
                 }
             }
         }
+        // Relays may share one store: an announcement still on its way to
+        // another relay must not be carried out after this UNREGISTER and
+        // list the stopped peer again. Each waits for all (the shutdown
+        // cuts those to a frozen relay short).
+        self.shared.wait_idle(UNREGISTER_TIMEOUT);
         self.unregister();
     }
 
     /// A hash was finished: announce at once if the last list lacked files
     /// (a big file that was still being hashed), not otherwise.
-    pub(crate) fn hashed(&self) {
+    fn hashed(&self) {
         if self.incomplete.load(Ordering::SeqCst) {
             self.wake.nudge();
-        }
-    }
-
-    /// Called after the shutdown signal: wakes the announcer, lets an
-    /// announcement in flight finish for up to `patience`, so that the
-    /// relay has carried it out before it hears UNREGISTER, then cuts it
-    /// short, so that a frozen relay cannot hold up the shutdown.
-    pub(crate) fn settle(&self, patience: Duration) {
-        self.wake.nudge();
-        let deadline = Instant::now() + patience;
-        while self.lock_in_flight().is_some() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let taken = self.lock_in_flight().take();
-        if let Some(stream) = taken {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }
 
@@ -330,11 +439,22 @@ impl Announcer {
         request: &Request,
         body: Option<&[Holding]>,
     ) -> Result<Response, AnnounceError> {
+        again_if_stale(&self.relay, || self.exchange_once(shutdown, request, body))
+    }
+
+    fn exchange_once(
+        &self,
+        shutdown: &Shutdown,
+        request: &Request,
+        body: Option<&[Holding]>,
+    ) -> Result<Response, AnnounceError> {
         let mut call = Call::connect(&self.relay, self.timeout)?;
+        let _counted = self.shared.begin();
         {
             let mut in_flight = self.lock_in_flight();
-            // Checked after the connection is on record: a shutdown that
-            // came before is seen here, one that comes after waits for it.
+            // Checked after the request is counted and its connection on
+            // record: a shutdown that came before is seen here, one that
+            // comes after waits for it.
             if shutdown.is_triggered() {
                 return Err(AnnounceError::ShuttingDown);
             }
@@ -356,7 +476,7 @@ impl Announcer {
         let auth = self
             .peer
             .identity
-            .authorize(&request.canonical(), self.stamp());
+            .authorize(&request.canonical(), self.shared.stamp());
         call.send(|w| {
             request.write_signed_to(&auth, w)?;
             match body {
@@ -367,22 +487,6 @@ impl Announcer {
         Ok(call.receive(|r| Response::read_from(r))?)
     }
 
-    /// The time for the next signed request, in Unix milliseconds: the
-    /// clock's, but always later than the last one, since the relay takes
-    /// each key's requests in increasing order only (no replays).
-    fn stamp(&self) -> u64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let previous = self
-            .last_ts
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
-                Some(now.max(last + 1))
-            })
-            .unwrap_or(now);
-        now.max(previous + 1)
-    }
-
     /// Asks the relay to forget this peer at once.
     fn unregister(&self) {
         // Shutdown must stay quick even with a frozen relay.
@@ -391,9 +495,11 @@ impl Announcer {
             port: self.port,
             host: self.advertise,
         };
-        let outcome = Call::connect(&self.relay, timeout)
-            .map_err(AnnounceError::from)
-            .and_then(|mut call| self.send(&mut call, &request, None));
+        let outcome = again_if_stale(&self.relay, || {
+            Call::connect(&self.relay, timeout)
+                .map_err(AnnounceError::from)
+                .and_then(|mut call| self.send(&mut call, &request, None))
+        });
         match outcome {
             Ok(Response::Unregistered) => info!("unregistered from relay {}", self.relay),
             Ok(other) => warn!(
@@ -403,6 +509,26 @@ impl Announcer {
             ),
             Err(e) => warn!("cannot unregister from relay {}: {e}", self.relay),
         }
+    }
+}
+
+/// Makes the request of `attempt` again, once, with a new time, when the
+/// relay refused it as not newer than one it has accepted: relays that
+/// share one store hear this peer's requests to all of them, and two sent
+/// at once to two relays can reach the store in the other order, the
+/// later time first. That is no replay, and no reason to back off.
+fn again_if_stale(
+    relay: &str,
+    attempt: impl Fn() -> Result<Response, AnnounceError>,
+) -> Result<Response, AnnounceError> {
+    match attempt() {
+        Ok(Response::Error(e))
+            if e.code == ErrorCode::Forbidden && e.message.starts_with("not newer than") =>
+        {
+            debug!("relay {relay} took a request for a replay: sending it again");
+            attempt()
+        }
+        other => other,
     }
 }
 

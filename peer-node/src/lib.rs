@@ -1,6 +1,7 @@
 //! A peer of a relay-p2p network: serves the files of one folder and keeps
-//! itself on a relay's list of live peers. [`bind`] starts one and returns
-//! its handle; the `peer-node` binary is a thin command line around it.
+//! itself on the list of live peers of each of its relays. [`bind`] starts
+//! one and returns its handle; the `peer-node` binary is a thin command
+//! line around it.
 //! PROTOCOL.md says what it speaks.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -31,18 +32,18 @@ use netkit::{
     Shutdown,
 };
 
-/// What a peer serves, where, and which relay it keeps informed.
+/// What a peer serves, where, and which relays it keeps informed.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The folder whose files are served, subfolders included.
     pub dir: PathBuf,
     /// Address to serve on; port 0 picks a free one.
     pub bind: SocketAddr,
-    /// `host:port` of the relay.
-    pub relay: String,
+    /// `host:port` of each relay, each told on its own (at least one).
+    pub relays: Vec<String>,
     /// The address the relay should list instead of the one it sees.
     pub advertise: Option<IpAddr>,
-    /// Time between two registrations with the relay.
+    /// Time between two registrations with each relay.
     pub heartbeat: Duration,
     /// Most connections served at once; more are answered `ERR busy`.
     pub max_connections: usize,
@@ -53,7 +54,7 @@ pub struct Config {
     /// exempt otherwise, so that one machine can run a whole test network).
     pub limit_loopback: bool,
     /// How long a client may take to send its request, and one write may
-    /// wait on a client that does not read; also bounds calls to the relay.
+    /// wait on a client that does not read; also bounds calls to a relay.
     pub timeout: Duration,
     /// How long transfers in flight may go on after a stop.
     pub grace: Duration,
@@ -78,7 +79,7 @@ impl Config {
         Config {
             dir: dir.into(),
             bind: ([127, 0, 0, 1], 0).into(),
-            relay: relay.into(),
+            relays: vec![relay.into()],
             advertise: None,
             heartbeat: Duration::from_secs(30),
             max_connections: 512,
@@ -103,7 +104,10 @@ pub enum StartError {
     /// The key cannot be had.
     #[error(transparent)]
     Key(#[from] KeyError),
-    /// The relay's name does not resolve (a relay that is only down is
+    /// No relay was given.
+    #[error("no relay given")]
+    NoRelay,
+    /// A relay's name does not resolve (a relay that is only down is
     /// waited for: the peer serves meanwhile and keeps retrying).
     #[error("cannot resolve relay {relay}: {source}")]
     Relay {
@@ -122,8 +126,9 @@ pub enum StartError {
 pub struct Node {
     server: Server,
     peer: Arc<serve::Peer>,
-    announcer: Arc<announce::Announcer>,
-    heartbeat: Option<JoinHandle<()>>,
+    announcers: Arc<announce::Announcers>,
+    /// One thread per relay, each its announcer's.
+    heartbeats: Vec<JoinHandle<()>>,
     /// Stops watching the folder when dropped.
     watcher: Option<notify::RecommendedWatcher>,
     warm_up: Option<JoinHandle<()>>,
@@ -131,7 +136,7 @@ pub struct Node {
 }
 
 /// Opens the folder, binds `config.bind`, starts serving, and registers
-/// with the relay, all in background threads.
+/// with each relay, all in background threads.
 pub fn bind(config: Config) -> Result<Node, StartError> {
     // First: a key that cannot be used is the one thing to say.
     let identity = match &config.key {
@@ -147,14 +152,18 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         allow_hardlinks: config.allow_hardlinks,
     };
     let library = files::Library::open_with(&config.dir, options)?;
-    // Fail fast on a relay name that does not exist.
-    config
-        .relay
-        .to_socket_addrs()
-        .map_err(|source| StartError::Relay {
-            relay: config.relay.clone(),
-            source,
-        })?;
+    if config.relays.is_empty() {
+        return Err(StartError::NoRelay);
+    }
+    // Fail fast on a relay name that does not exist: a typo, most likely.
+    for relay in &config.relays {
+        relay
+            .to_socket_addrs()
+            .map_err(|source| StartError::Relay {
+                relay: relay.clone(),
+                source,
+            })?;
+    }
     let limits = Limits {
         max_connections: config.max_connections,
         max_per_ip: config.max_connections_per_ip,
@@ -191,40 +200,43 @@ pub fn bind(config: Config) -> Result<Node, StartError> {
         Arc::new(Connections::default()),
         handler,
     )?;
-    // Registered only once the peer serves, so that no client is sent to
-    // a peer that is not listening yet.
-    let announcer = Arc::new(announce::Announcer::new(
-        config.relay,
+    let announcers = Arc::new(announce::Announcers::new(
+        &config.relays,
         local.port(),
         config.advertise,
         config.heartbeat,
         config.timeout,
-        Arc::clone(&peer),
+        &peer,
     ));
     {
         // A file hashed in the background (a big one) is announced as soon
         // as its hash is known, not at the next heartbeat.
-        let announcer = Arc::clone(&announcer);
-        peer.library.on_hashed(move || announcer.hashed());
+        let announcers = Arc::clone(&announcers);
+        peer.library.on_hashed(move || announcers.hashed());
     }
     let watcher = config.watch.then(|| {
-        let announcer = Arc::clone(&announcer);
-        watch::folder(peer.library.root(), move || announcer.wake.nudge())
+        let announcers = Arc::clone(&announcers);
+        watch::folder(peer.library.root(), move || announcers.nudge())
     });
-    let watcher = watcher.flatten();
-    let heartbeat = {
-        let (announcer, shutdown) = (Arc::clone(&announcer), Arc::clone(&shutdown));
-        spawn_thread("heartbeat", move || announcer.run(&shutdown))?
-    };
-    Ok(Node {
+    let mut node = Node {
         server,
         peer,
-        announcer,
-        heartbeat: Some(heartbeat),
+        announcers,
+        heartbeats: Vec::with_capacity(config.relays.len()),
         warm_up: Some(warm_up),
-        watcher,
+        watcher: watcher.flatten(),
         grace: config.grace,
-    })
+    };
+    // Registered only once the peer serves, so that no client is sent to
+    // a peer that is not listening yet. A thread per relay: one that is
+    // down or frozen holds up only its own. Should a thread not start,
+    // dropping the node stops those that did.
+    for announcer in node.announcers.each() {
+        let (announcer, shutdown) = (Arc::clone(announcer), Arc::clone(&shutdown));
+        let thread = spawn_thread("heartbeat", move || announcer.run(&shutdown))?;
+        node.heartbeats.push(thread);
+    }
+    Ok(node)
 }
 
 impl Running for Node {
@@ -233,7 +245,7 @@ impl Running for Node {
     }
 
     /// Stops accepting (new connections are refused), unregisters from the
-    /// relay (waiting at most 2 s for it), lets transfers in flight finish
+    /// relays (waiting at most 2 s for them), lets transfers in flight finish
     /// (up to the grace period) and ends the peer's threads.
     fn stop(mut self) {
         info!("shutting down");
@@ -249,16 +261,17 @@ impl Node {
     fn end(&mut self, grace: Duration) -> usize {
         self.server.stop_accepting();
         self.watcher = None;
-        self.announcer.settle(announce::UNREGISTER_TIMEOUT);
-        if let Some(heartbeat) = self.heartbeat.take() {
-            // The announcer's last word is bounded by UNREGISTER_TIMEOUT;
-            // only a connect to an unreachable relay, which nothing can cut
-            // short, could take longer, and then the peer does not wait for
-            // it (that thread still unregisters last when it gets through).
-            let deadline = Instant::now() + announce::UNREGISTER_TIMEOUT + Duration::from_secs(1);
-            while !heartbeat.is_finished() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(5));
-            }
+        self.announcers.settle(announce::UNREGISTER_TIMEOUT);
+        // Each announcer's last word is bounded by UNREGISTER_TIMEOUT, and
+        // they say it at the same time; only a connect to an unreachable
+        // relay, which nothing can cut short, could take longer, and then
+        // the peer does not wait for it (that thread still unregisters
+        // last when it gets through).
+        let deadline = Instant::now() + announce::UNREGISTER_TIMEOUT + Duration::from_secs(1);
+        while self.heartbeats.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        for heartbeat in std::mem::take(&mut self.heartbeats) {
             if heartbeat.is_finished() {
                 let _ = heartbeat.join();
             }

@@ -16,12 +16,17 @@ use netkit::cli;
 #[derive(Parser)]
 #[command(name = "peer-node", version, about)]
 struct Args {
-    /// Host name or IP address of the relay
+    /// Host name or IP address of the relay (the first one, when --relay
+    /// names more)
     #[arg(env = "PEER_RELAY_HOST")]
-    relay_host: String,
+    relay_host: Option<String>,
     /// TCP port of the relay
     #[arg(env = "PEER_RELAY_PORT")]
-    relay_port: u16,
+    relay_port: Option<u16>,
+    /// A relay to register with, as HOST:PORT; repeat it (or separate with
+    /// commas) for several: the peer registers and announces with each
+    #[arg(long = "relay", env = "PEER_RELAYS", value_name = "HOST:PORT", value_delimiter = ',', value_parser = cli::parse_relay)]
+    relays: Vec<String>,
     /// Folder whose files are served (subfolders included)
     #[arg(long, env = "PEER_DIR")]
     dir: PathBuf,
@@ -35,7 +40,7 @@ struct Args {
     /// connection comes from (behind NAT, or with several interfaces)
     #[arg(long, env = "PEER_ADVERTISE")]
     advertise: Option<String>,
-    /// Seconds between two registrations with the relay
+    /// Seconds between two registrations with each relay
     #[arg(long, env = "PEER_HEARTBEAT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     heartbeat: u64,
     /// Most connections served at once; more are answered `ERR busy`
@@ -80,12 +85,19 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = cli::parse(1);
+    let mut args: Args = cli::parse(1);
+    let relays = cli::relay_list(
+        args.relay_host.take(),
+        args.relay_port,
+        std::mem::take(&mut args.relays),
+        "PEER_RELAYS",
+    )
+    .unwrap_or_else(|e| cli::usage_error::<Args>(e));
     cli::init_logging(args.verbose, args.quiet, log::LevelFilter::Info);
-    cli::exit("peer-node", run(args))
+    cli::exit("peer-node", run(args, relays))
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args, relays: Vec<String>) -> anyhow::Result<()> {
     let key = match args.key {
         Some(key) => key,
         None => peer_node::default_key_path(&args.dir).context(
@@ -96,7 +108,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let node = peer_node::bind(peer_node::Config {
         dir: args.dir,
         bind: SocketAddr::new(args.bind, args.port),
-        relay: format!("{}:{}", args.relay_host, args.relay_port),
+        relays,
         advertise,
         heartbeat: Duration::from_secs(args.heartbeat),
         max_connections: args.max_connections as usize,

@@ -61,6 +61,41 @@ fn bad_arguments_are_usage_errors() {
 }
 
 #[test]
+fn a_missing_or_bad_relay_list_is_a_usage_error() {
+    let many: Vec<String> = (1..=17).map(|port| format!("127.0.0.1:{port}")).collect();
+    let many = many.join(",");
+    for name in ["peer-node", "peer-client"] {
+        // The peer's other required option, so that only the relays are wrong.
+        let with_dir = |args: &[&str]| -> Vec<String> {
+            let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            if name == "peer-node" {
+                all.extend(["--dir".to_string(), ".".to_string()]);
+            }
+            all
+        };
+        for (args, says) in [
+            (with_dir(&[]), "no relay given"),
+            (
+                with_dir(&["127.0.0.1"]),
+                "relay host 127.0.0.1 given without its port",
+            ),
+            (
+                with_dir(&["--relay", "127.0.0.1"]),
+                "\"127.0.0.1\" is not HOST:PORT",
+            ),
+            (
+                with_dir(&["--relay", "::1:8888"]),
+                "an IPv6 address goes in brackets",
+            ),
+            (with_dir(&["--relay", &many]), "17 relays given; at most 16"),
+        ] {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            assert_clean_failure(&run(name, &args), 2, says);
+        }
+    }
+}
+
+#[test]
 fn a_port_in_use_is_one_clear_line() {
     let relay = Server::relay(&[]);
     let out = run("relay-server", &[&relay.port(), "--bind", "127.0.0.1"]);

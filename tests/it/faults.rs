@@ -11,16 +11,9 @@ use std::{
 };
 
 use crate::harness::{
-    bin, client, eventually, live_peers, raw_exchange, stderr, stdout, wait_output, Network, Server,
+    bin, client, eventually, folder_with, live_peers, raw_exchange, stderr, stdout, wait_output,
+    Network, Server,
 };
-
-fn folder_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, content) in files {
-        fs::write(dir.path().join(name), content).unwrap();
-    }
-    dir
-}
 
 /// Content that differs at every offset, so a resume at the wrong byte shows.
 fn big_content(len: usize) -> Vec<u8> {

@@ -215,10 +215,18 @@ impl Drop for Server {
 
 /// Runs `peer-client` against `relay` with `args`, feeding it `stdin`.
 pub fn client(relay: SocketAddr, args: &[&str], stdin: &str) -> Output {
+    let port = relay.port().to_string();
+    let mut all = vec!["127.0.0.1", &port];
+    all.extend_from_slice(args);
+    client_with(&all, &[], stdin)
+}
+
+/// Runs `peer-client` with `args` alone (the relays among them) and the
+/// extra environment variables `env`, feeding it `stdin`.
+pub fn client_with(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
     let mut child = Command::new(bin("peer-client"))
-        .arg("127.0.0.1")
-        .arg(relay.port().to_string())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -273,6 +281,19 @@ pub fn stderr(out: &Output) -> String {
 
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A temporary folder holding `files` (name, content), subfolders made.
+pub fn folder_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("write the test folder");
+    for (name, content) in files {
+        let path = dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).expect("write the test folder");
+        }
+        fs::write(path, content).expect("write the test folder");
+    }
+    dir
 }
 
 /// Asks the relay directly for its live peers.

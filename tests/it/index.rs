@@ -9,19 +9,7 @@ use std::{
     time::Duration,
 };
 
-use crate::harness::{client, eventually, stderr, stdout, Server, STEP};
-
-fn folder_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, content) in files {
-        let path = dir.path().join(name);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).unwrap();
-        }
-        fs::write(path, content).unwrap();
-    }
-    dir
-}
+use crate::harness::{client, eventually, folder_with, stderr, stdout, Server, STEP};
 
 /// What `ls` prints, names only.
 fn listed(relay: SocketAddr, args: &[&str]) -> Vec<String> {

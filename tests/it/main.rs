@@ -2,6 +2,7 @@
 //! One test binary with a module per topic, so the suite links once.
 
 mod cli;
+mod failover;
 mod faults;
 mod harness;
 mod hostile;

@@ -12,16 +12,8 @@ use std::{
 };
 
 use crate::harness::{
-    bin, client, eventually, live_peers, stderr, stdout, wait_output, Server, STEP,
+    bin, client, eventually, folder_with, live_peers, stderr, stdout, wait_output, Server, STEP,
 };
-
-fn folder_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, content) in files {
-        fs::write(dir.path().join(name), content).unwrap();
-    }
-    dir
-}
 
 /// Content that differs at every offset, so a piece in the wrong place shows.
 fn big_content(len: usize) -> Vec<u8> {
