@@ -670,29 +670,11 @@ impl Store for RedisStore {
     }
 
     fn who(&self, name: &FileName, per_version: usize) -> Stored<Vec<Holder>> {
-        let flat: Vec<String> = self.run(|con| {
-            self.scripts
-                .who
-                .arg(name.as_str())
-                .arg(per_version)
-                .arg(MAX_VERSIONS)
-                .arg(MAX_REPLY_LINES)
-                .invoke(con)
-        })?;
-        Ok(parse_holders(&flat))
+        self.holders(&self.scripts.who, name.as_str(), per_version)
     }
 
     fn who_has(&self, hash: &ContentHash, per_version: usize) -> Stored<Vec<Holder>> {
-        let flat: Vec<String> = self.run(|con| {
-            self.scripts
-                .who_has
-                .arg(hash.to_string())
-                .arg(per_version)
-                .arg(MAX_VERSIONS)
-                .arg(MAX_REPLY_LINES)
-                .invoke(con)
-        })?;
-        Ok(parse_holders(&flat))
+        self.holders(&self.scripts.who_has, &hash.to_string(), per_version)
     }
 
     fn list(&self, pattern: &GlobMatcher, after: Option<&FileName>) -> Stored<Page> {
@@ -804,6 +786,19 @@ impl Store for RedisStore {
 }
 
 impl RedisStore {
+    /// WHO or WHOHAS: `script` run for the name or hash `what`.
+    fn holders(&self, script: &Script, what: &str, per_version: usize) -> Stored<Vec<Holder>> {
+        let flat: Vec<String> = self.run(|con| {
+            script
+                .arg(what)
+                .arg(per_version)
+                .arg(MAX_VERSIONS)
+                .arg(MAX_REPLY_LINES)
+                .invoke(con)
+        })?;
+        Ok(parse_holders(&flat))
+    }
+
     /// A reply no script of ours gives: Redis holds keys of another
     /// program, or another version's.
     fn strange(&self, what: &str, reply: &str) -> Unavailable {
