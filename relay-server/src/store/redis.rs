@@ -15,7 +15,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -39,9 +39,10 @@ use super::{
 pub const MAX_BACKOFF: Duration = Duration::from_secs(4);
 /// The first wait after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-/// Connections kept to Redis: scripts are short and Redis runs one at a
-/// time, so more would only queue there.
-const POOL_SIZE: u32 = 32;
+/// Connections kept to Redis, as many as the lookups a loaded relay has
+/// in flight (64 clients measured): fewer left requests queueing for a
+/// connection, a futex wait and wake each (strace, perf).
+const POOL_SIZE: u32 = 64;
 /// Peers expired by one sweep script, so that one call stays short.
 const SWEEP_BATCH: usize = 100;
 /// Runs of the registry one PEERS sample is drawn from.
@@ -50,6 +51,13 @@ const SAMPLE_RUNS: usize = 2;
 const LIST_BATCH: usize = 1000;
 /// The prefix of every key, as in redis.lua.
 const PREFIX: &str = "rp2p:";
+
+/// This machine's clock, in ms since 1970.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// Why a `--store` URL was refused.
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +162,6 @@ struct Scripts {
     register: Script,
     unregister: Script,
     sweep: Script,
-    sample: Script,
     replace: Script,
     who: Script,
     who_has: Script,
@@ -231,39 +238,6 @@ for i, member in ipairs(gone) do
   addrs[i] = addr
 end
 return addrs
-"#,
-            ),
-            // ARGV: width small start... Runs of the live peers in expiry
-            // order (the expired, not yet swept, come first and are left
-            // out), each of `width` from a random place (a fraction of
-            // their number): every live peer is as likely to be picked as
-            // any other, at a fraction of what single random draws cost
-            // Redis (ZRANDMEMBER's fair draws cost 4x the whole lookup).
-            // All of them when there are no more than `small`.
-            sample: script(
-                r#"
-local live = P .. 'live'
-local expired = redis.call('ZCOUNT', live, '-inf', '(' .. now_ms())
-local n = redis.call('ZCARD', live) - expired
-local width, small = tonumber(ARGV[1]), tonumber(ARGV[2])
-local out = {}
-local function take(from, count)
-  if count <= 0 then return end
-  local got = redis.call('ZRANGE', live, expired + from, expired + from + count - 1)
-  for _, m in ipairs(got) do out[#out + 1] = m end
-end
-if n <= small then
-  take(0, n)
-  return out
-end
-for i = 3, #ARGV do
-  local start = math.floor(tonumber(ARGV[i]) * n)
-  take(start, math.min(width, n - start))
-  -- A run past the end goes on from the start, so that the last peers
-  -- are as likely to be picked as the others.
-  take(0, start + width - n)
-end
-return out
 "#,
             ),
             // ARGV: addr key digest max_holdings count files
@@ -343,6 +317,13 @@ pub struct RedisStore {
     target: String,
     scripts: Scripts,
     health: Mutex<Health>,
+    /// Where the live peers start in the expiry order, and how many there
+    /// are, as of the last sample: where the next one's runs may start.
+    ranks: Mutex<(usize, usize)>,
+    /// Redis's clock minus ours, in ms, as of the last sample.
+    clock_offset: AtomicI64,
+    /// Whether `health` holds a failure: read without its lock.
+    down: AtomicBool,
     /// The connector's generation (see there).
     generation: Arc<AtomicU64>,
     ttl: Duration,
@@ -386,6 +367,9 @@ impl RedisStore {
             target: target.display(),
             scripts: Scripts::new(),
             health: Mutex::default(),
+            down: AtomicBool::new(false),
+            ranks: Mutex::default(),
+            clock_offset: AtomicI64::new(0),
             generation,
             ttl,
             retention,
@@ -436,6 +420,10 @@ impl RedisStore {
 
     /// While a failure's backoff runs: why the store is unavailable.
     fn waiting(&self) -> Option<String> {
+        // The common case without the lock, which every request would take.
+        if !self.down.load(Ordering::Relaxed) {
+            return None;
+        }
         let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let down = health.down.as_ref()?;
         let left = down.retry_at.checked_duration_since(Instant::now())?;
@@ -448,7 +436,11 @@ impl RedisStore {
     }
 
     fn up(&self) {
+        if !self.down.load(Ordering::Relaxed) {
+            return;
+        }
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        self.down.store(false, Ordering::Relaxed);
         if let Some(down) = health.down.take() {
             info!(
                 "redis at {} answers again, after {:.1?}",
@@ -474,6 +466,7 @@ impl RedisStore {
             }
         };
         let since = health.down.as_ref().map_or(now, |d| d.since);
+        self.down.store(true, Ordering::Relaxed);
         health.down = Some(Down {
             since,
             retry_at: now + backoff,
@@ -605,25 +598,12 @@ impl Store for RedisStore {
     }
 
     fn sample(&self, max: usize) -> Stored<Vec<(PeerAddr, PeerKey)>> {
-        let width = max.div_ceil(SAMPLE_RUNS) + 2;
-        let mut call = self.scripts.sample.prepare_invoke();
-        call.arg(width).arg(max * 2);
-        for _ in 0..SAMPLE_RUNS {
-            call.arg(fastrand::f64());
+        let (peers, live) = self.draw(max)?;
+        // Short because the counts it started from were old (the first
+        // sample, or many expired since): once more with this one's.
+        if peers.len() < max.min(live) {
+            return Ok(self.draw(max)?.0);
         }
-        let members: Vec<String> = self.run(|con| call.invoke(con))?;
-        let mut peers: Vec<(PeerAddr, PeerKey)> = members
-            .iter()
-            .filter_map(|member| {
-                let (addr, key) = member.split_once(' ')?;
-                Some((addr.parse().ok()?, key.parse().ok()?))
-            })
-            .collect();
-        // Runs may overlap.
-        peers.sort_unstable_by_key(|(addr, _)| *addr);
-        peers.dedup_by_key(|(addr, _)| *addr);
-        fastrand::shuffle(&mut peers);
-        peers.truncate(max);
         Ok(peers)
     }
 
@@ -786,6 +766,107 @@ impl Store for RedisStore {
 }
 
 impl RedisStore {
+    /// A sample, and how many peers are live.
+    fn draw(&self, max: usize) -> Stored<(Vec<(PeerAddr, PeerKey)>, usize)> {
+        // Runs of the live peers in expiry order (the expired, not yet
+        // swept, come first), each from a random rank: every live peer is
+        // as likely to be picked as any other, at a fraction of what single
+        // random draws cost Redis (ZRANDMEMBER's fair draws took 4x the
+        // whole lookup), and in one round trip without a script (a
+        // script's time went mostly to converting members to Lua and back).
+        // The ranks come from the last sample's counts; this one's counts,
+        // read in the same pipeline, leave out what has expired since.
+        let (expired_before, live_before) = *self.ranks.lock().unwrap_or_else(|p| p.into_inner());
+        let (runs, width) = if live_before <= max * 2 {
+            (0, max * 2)
+        } else {
+            (SAMPLE_RUNS, max.div_ceil(SAMPLE_RUNS) + 2)
+        };
+        let mut starts: Vec<usize> = (0..runs)
+            .map(|_| expired_before + fastrand::usize(..live_before))
+            .collect();
+        // From the first live peer: the whole registry when it is small,
+        // and where a run that reaches the end goes on, so that the last
+        // peers are as likely to be picked as the others.
+        starts.push(expired_before);
+        let sent = unix_ms();
+        let now = sent.saturating_add_signed(self.clock_offset.load(Ordering::Relaxed));
+        let live = format!("{PREFIX}live");
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME")
+            .cmd("ZCOUNT")
+            .arg(&live)
+            .arg("-inf")
+            .arg(format!("({now}"))
+            .cmd("ZCARD")
+            .arg(&live);
+        for &start in &starts {
+            pipe.cmd("ZRANGE")
+                .arg(&live)
+                .arg(start)
+                .arg(start + width - 1);
+        }
+        let (time, expired, total, drawn): ((u64, u64), usize, usize, Vec<Vec<String>>) = self
+            .run(|con| {
+                let mut replies: Vec<redis::Value> = pipe.query(con)?;
+                let drawn = replies.split_off(3.min(replies.len()));
+                let [time, expired, total]: [redis::Value; 3] =
+                    replies.try_into().map_err(|_| {
+                        RedisError::from((redis::ErrorKind::UnexpectedReturnType, "short reply"))
+                    })?;
+                Ok((
+                    redis::from_redis_value(time)?,
+                    redis::from_redis_value(expired)?,
+                    redis::from_redis_value(total)?,
+                    drawn
+                        .into_iter()
+                        .map(redis::from_redis_value)
+                        .collect::<Result<_, _>>()?,
+                ))
+            })?;
+        // Redis's clock against ours, for the next sample's `now`.
+        let redis_ms = time.0 * 1000 + time.1 / 1000;
+        let ours = sent.midpoint(unix_ms());
+        self.clock_offset.store(
+            i64::try_from(redis_ms).unwrap_or(0) - i64::try_from(ours).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        *self.ranks.lock().unwrap_or_else(|p| p.into_inner()) =
+            (expired, total.saturating_sub(expired));
+        let none = Vec::new();
+        let (first, drawn) = drawn.split_last().unwrap_or((&none, &[]));
+        let from_first = |count: usize| {
+            first
+                .iter()
+                .take(count)
+                .enumerate()
+                .map(move |(i, m)| (expired_before + i, m))
+        };
+        let mut members: Vec<(usize, &String)> = Vec::new();
+        if runs == 0 {
+            members.extend(from_first(width));
+        }
+        for (&start, run) in starts.iter().zip(drawn) {
+            members.extend(run.iter().enumerate().map(|(i, m)| (start + i, m)));
+            members.extend(from_first(width.saturating_sub(run.len())));
+        }
+        let mut peers: Vec<(PeerAddr, PeerKey)> = members
+            .into_iter()
+            // Expired before this sample's count: left out.
+            .filter(|&(rank, _)| rank >= expired)
+            .filter_map(|(_, member)| {
+                let (addr, key) = member.split_once(' ')?;
+                Some((addr.parse().ok()?, key.parse().ok()?))
+            })
+            .collect();
+        // Runs may overlap.
+        peers.sort_unstable_by_key(|(addr, _)| *addr);
+        peers.dedup_by_key(|(addr, _)| *addr);
+        fastrand::shuffle(&mut peers);
+        peers.truncate(max);
+        Ok((peers, total.saturating_sub(expired)))
+    }
+
     /// WHO or WHOHAS: `script` run for the name or hash `what`.
     fn holders(&self, script: &Script, what: &str, per_version: usize) -> Stored<Vec<Holder>> {
         let flat: Vec<String> = self.run(|con| {
