@@ -22,23 +22,40 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- One line of a peer's list: SIZE HASH NAME.
+local LINE = '(%d+) (%x+) ([^\n]+)'
+
+-- Records that ADDR holds the version SIZE HASH NAME.
+local function hold(addr, size, hash, name)
+  redis.call('SADD', P .. 'v:' .. size .. ' ' .. hash .. ' ' .. name, addr)
+  redis.call('SADD', P .. 'n:' .. name, size .. ' ' .. hash)
+  redis.call('SADD', P .. 'h:' .. hash, size .. ' ' .. name)
+  redis.call('ZADD', P .. 'names', 0, name)
+end
+
+-- Records that ADDR no longer holds it; the version, and the name, go with
+-- their last holder.
+local function unhold(addr, size, hash, name)
+  local vk = P .. 'v:' .. size .. ' ' .. hash .. ' ' .. name
+  redis.call('SREM', vk, addr)
+  if redis.call('EXISTS', vk) == 0 then
+    local nk = P .. 'n:' .. name
+    redis.call('SREM', nk, size .. ' ' .. hash)
+    redis.call('SREM', P .. 'h:' .. hash, size .. ' ' .. name)
+    if redis.call('EXISTS', nk) == 0 then
+      redis.call('ZREM', P .. 'names', name)
+    end
+  end
+end
+
 -- Forgets what ADDR holds; returns how many holdings that was.
 local function unindex(addr)
   local pk = P .. 'p:' .. addr
   local blob = redis.call('HGET', pk, 'files')
   local n = 0
   if blob then
-    for size, hash, name in string.gmatch(blob, '(%d+) (%x+) ([^\n]+)\n') do
-      local vk = P .. 'v:' .. size .. ' ' .. hash .. ' ' .. name
-      redis.call('SREM', vk, addr)
-      if redis.call('EXISTS', vk) == 0 then
-        local nk = P .. 'n:' .. name
-        redis.call('SREM', nk, size .. ' ' .. hash)
-        redis.call('SREM', P .. 'h:' .. hash, size .. ' ' .. name)
-        if redis.call('EXISTS', nk) == 0 then
-          redis.call('ZREM', P .. 'names', name)
-        end
-      end
+    for size, hash, name in string.gmatch(blob, LINE .. '\n') do
+      unhold(addr, size, hash, name)
       n = n + 1
     end
     redis.call('DECRBY', P .. 'holdings', n)

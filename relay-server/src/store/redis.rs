@@ -165,7 +165,7 @@ struct Scripts {
     replace: Script,
     who: Script,
     who_has: Script,
-    list: Script,
+    versions: Script,
 }
 
 const PRELUDE: &str = include_str!("redis.lua");
@@ -247,18 +247,30 @@ local addr, key, digest = ARGV[1], ARGV[2], ARGV[3]
 local max, n, blob = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local pk = P .. 'p:' .. addr
 if redis.call('HGET', P .. 'keyof', addr) ~= key then return -1 end
-local old = tonumber(redis.call('HGET', pk, 'count') or '0')
+local old_count = tonumber(redis.call('HGET', pk, 'count') or '0')
+-- The same list again: nothing to do.
+if redis.call('HGET', pk, 'digest') == digest and old_count == n then return n end
 local held = tonumber(redis.call('GET', P .. 'holdings') or '0')
-if held - old + n > max then return -2 end
-unindex(addr)
-for size, hash, name in string.gmatch(blob, '(%d+) (%x+) ([^\n]+)\n') do
-  redis.call('SADD', P .. 'v:' .. size .. ' ' .. hash .. ' ' .. name, addr)
-  redis.call('SADD', P .. 'n:' .. name, size .. ' ' .. hash)
-  redis.call('SADD', P .. 'h:' .. hash, size .. ' ' .. name)
-  redis.call('ZADD', P .. 'names', 0, name)
+if held - old_count + n > max then return -2 end
+-- Only what changed: the lines that left, the lines that came.
+local old = {}
+for line in string.gmatch(redis.call('HGET', pk, 'files') or '', '([^\n]+)\n') do
+  old[line] = true
+end
+for line in string.gmatch(blob, '([^\n]+)\n') do
+  if old[line] then
+    old[line] = nil
+  else
+    local size, hash, name = string.match(line, '^' .. LINE .. '$')
+    hold(addr, size, hash, name)
+  end
+end
+for line in pairs(old) do
+  local size, hash, name = string.match(line, '^' .. LINE .. '$')
+  unhold(addr, size, hash, name)
 end
 redis.call('HSET', pk, 'files', blob, 'digest', digest, 'count', n)
-redis.call('INCRBY', P .. 'holdings', n)
+redis.call('INCRBY', P .. 'holdings', n - old_count)
 return n
 "#,
             ),
@@ -285,23 +297,19 @@ end
 return holders(versions, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
 "#,
             ),
-            // ARGV: after ('' for the start) limit. Flat: NAME N, then N
-            // times SIZE HASH COUNT.
-            list: script(
+            // ARGV: the names. Flat: NAME N, then N times SIZE HASH COUNT.
+            versions: script(
                 r#"
-local start = '-'
-if ARGV[1] ~= '' then start = '(' .. ARGV[1] end
-local names = redis.call('ZRANGEBYLEX', P .. 'names', start, '+', 'LIMIT', 0, tonumber(ARGV[2]))
 local out = {}
-for _, name in ipairs(names) do
+for _, name in ipairs(ARGV) do
   local versions = redis.call('SMEMBERS', P .. 'n:' .. name)
-  table.insert(out, name)
-  table.insert(out, tostring(#versions))
+  out[#out + 1] = name
+  out[#out + 1] = tostring(#versions)
   for _, v in ipairs(versions) do
     local size, hash = string.match(v, '^(%d+) (%x+)$')
-    table.insert(out, size)
-    table.insert(out, hash)
-    table.insert(out, tostring(redis.call('SCARD', P .. 'v:' .. v .. ' ' .. name)))
+    out[#out + 1] = size
+    out[#out + 1] = hash
+    out[#out + 1] = tostring(redis.call('SCARD', P .. 'v:' .. v .. ' ' .. name))
   end
 end
 return out
@@ -526,6 +534,33 @@ fn parse_holders(flat: &[String]) -> Vec<Holder> {
     out
 }
 
+/// The next name's versions from the `versions` script's flat reply (it
+/// answers the names in the order asked), most held first.
+fn listed_versions(name: &str, flat: &mut impl Iterator<Item = String>) -> Vec<Listed> {
+    let (Some(_), Some(n)) = (flat.next(), flat.next()) else {
+        return Vec::new();
+    };
+    let n: usize = n.parse().unwrap_or(0);
+    let triples: Vec<String> = flat.take(n * 3).collect();
+    let Ok(file_name) = FileName::new(name) else {
+        return Vec::new();
+    };
+    let mut listed: Vec<Listed> = triples
+        .chunks_exact(3)
+        .filter_map(|v| {
+            Some(Listed {
+                name: file_name.clone(),
+                size: v[0].parse().ok()?,
+                hash: v[1].parse().ok()?,
+                holders: v[2].parse().ok()?,
+            })
+        })
+        .filter(|l| l.holders > 0)
+        .collect();
+    listed.sort_by_key(|l| std::cmp::Reverse(l.holders));
+    listed
+}
+
 /// `files` as the `files` field of a peer's entry: one line per holding.
 fn encode_files(files: &[Holding]) -> String {
     let mut blob = String::with_capacity(files.len() * 96);
@@ -659,20 +694,48 @@ impl Store for RedisStore {
 
     fn list(&self, pattern: &GlobMatcher, after: Option<&FileName>) -> Stored<Page> {
         let mut entries = Vec::new();
-        let mut cursor = after.map(|a| a.as_str().to_string()).unwrap_or_default();
+        let mut cursor = after.map(|a| a.as_str().to_string());
         let mut last: Option<String> = None;
         let mut scanned = 0;
         loop {
-            let flat: Vec<String> =
-                self.run(|con| self.scripts.list.arg(&cursor).arg(LIST_BATCH).invoke(con))?;
-            let mut rest = &flat[..];
-            let mut names = 0;
-            while let [name, n, tail @ ..] = rest {
-                let n: usize = n.parse().unwrap_or(0).min(tail.len() / 3);
-                let (versions, after) = tail.split_at(n * 3);
-                rest = after;
-                names += 1;
-                if scanned == SCAN_BUDGET || entries.len() + n.min(MAX_VERSIONS) > MAX_REPLY_LINES {
+            // Names first, matched here: Redis reads the versions of the
+            // matching names only (a pattern that matches little costs it
+            // one range read per thousand names).
+            let start = cursor.as_ref().map_or("-".to_string(), |c| format!("({c}"));
+            let names: Vec<String> = self.run(|con| {
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(format!("{PREFIX}names"))
+                    .arg(&start)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(LIST_BATCH)
+                    .query(con)
+            })?;
+            let matching: Vec<&str> = names
+                .iter()
+                .map(String::as_str)
+                .filter(|n| pattern.is_match(n))
+                .collect();
+            let mut versions = if matching.is_empty() {
+                Vec::new()
+            } else {
+                let mut call = self.scripts.versions.prepare_invoke();
+                for name in &matching {
+                    call.arg(*name);
+                }
+                self.run(|con| call.invoke::<Vec<String>>(con))?
+            }
+            .into_iter();
+            for name in &names {
+                let listed = if pattern.is_match(name.as_str()) {
+                    listed_versions(name, &mut versions)
+                } else {
+                    Vec::new()
+                };
+                if scanned == SCAN_BUDGET
+                    || entries.len() + listed.len().min(MAX_VERSIONS) > MAX_REPLY_LINES
+                {
                     return Ok(Page {
                         entries,
                         next: last.and_then(|n| FileName::new(&n).ok()),
@@ -680,36 +743,15 @@ impl Store for RedisStore {
                 }
                 scanned += 1;
                 last = Some(name.clone());
-                let Ok(file_name) = FileName::new(name) else {
-                    continue;
-                };
-                if !pattern.is_match(name) {
-                    continue;
-                }
-                let mut listed: Vec<Listed> = versions
-                    .chunks_exact(3)
-                    .filter_map(|v| {
-                        Some(Listed {
-                            name: file_name.clone(),
-                            size: v[0].parse().ok()?,
-                            hash: v[1].parse().ok()?,
-                            holders: v[2].parse().ok()?,
-                        })
-                    })
-                    .filter(|l| l.holders > 0)
-                    .collect();
-                listed.sort_by_key(|l| std::cmp::Reverse(l.holders));
                 entries.extend(listed.into_iter().take(MAX_VERSIONS));
             }
-            match &last {
-                Some(name) if names == LIST_BATCH => cursor = name.clone(),
-                _ => {
-                    return Ok(Page {
-                        entries,
-                        next: None,
-                    })
-                }
+            if names.len() < LIST_BATCH {
+                return Ok(Page {
+                    entries,
+                    next: None,
+                });
             }
+            cursor = last.clone();
         }
     }
 

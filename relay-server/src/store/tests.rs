@@ -234,6 +234,42 @@ fn a_full_index_refuses_more(open: Open) {
     );
 }
 
+fn a_changed_list_changes_what_changed(open: Open) {
+    let store = open(LONG, 10, 100);
+    store.register(addr(1), key(1), 1).unwrap();
+    store.register(addr(2), key(2), 1).unwrap();
+    let (a, b, c, d) = (
+        holding("a", "a"),
+        holding("b", "b"),
+        holding("c", "c"),
+        holding("d", "d"),
+    );
+    offer(&*store, 1, 1, &[a.clone(), b.clone(), c.clone()]).unwrap();
+    offer(&*store, 2, 2, &[b.clone()]).unwrap();
+    // The same list again changes nothing.
+    assert_eq!(
+        offer(&*store, 1, 1, &[a.clone(), b.clone(), c.clone()]),
+        Ok(3)
+    );
+    assert_eq!(store.counts(), Ok((4, 3)));
+    offer(&*store, 1, 1, &[b.clone(), c.clone(), d.clone()]).unwrap();
+    let who = |n: &str| ports(&store.who(&FileName::new(n).unwrap(), 10).unwrap());
+    assert!(who("a").is_empty());
+    assert_eq!(who("b"), [1, 2]);
+    assert_eq!(who("c"), [1]);
+    assert_eq!(who("d"), [1]);
+    assert_eq!(store.counts(), Ok((4, 3)));
+    // A version changed under the same name.
+    offer(&*store, 1, 1, &[holding("b", "b2"), c, d]).unwrap();
+    let b_versions = store.who(&FileName::new("b").unwrap(), 10).unwrap();
+    assert_eq!(b_versions.len(), 2);
+    assert!(b_versions.iter().all(|h| h.holders == 1));
+    assert_eq!(store.counts(), Ok((4, 3)));
+    assert_eq!(store.unregister(addr(1), key(1), 2), Ok(Ok(true)));
+    assert_eq!(store.counts(), Ok((1, 1)));
+    assert_eq!(who("b"), [2]);
+}
+
 fn counters_add_up(open: Open) {
     let store = open(LONG, 10, 10);
     store
@@ -326,6 +362,7 @@ on_both_stores!(
     a_long_listing_comes_in_pages,
     a_full_index_refuses_more,
     counters_add_up,
+    a_changed_list_changes_what_changed,
     samples_are_distinct_live_and_reach_everyone,
     samples_leave_out_the_expired_before_any_sweep,
 );
