@@ -245,7 +245,7 @@ fn a_changed_list_changes_what_changed(open: Open) {
         holding("d", "d"),
     );
     offer(&*store, 1, 1, &[a.clone(), b.clone(), c.clone()]).unwrap();
-    offer(&*store, 2, 2, &[b.clone()]).unwrap();
+    offer(&*store, 2, 2, std::slice::from_ref(&b)).unwrap();
     // The same list again changes nothing.
     assert_eq!(
         offer(&*store, 1, 1, &[a.clone(), b.clone(), c.clone()]),
