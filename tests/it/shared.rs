@@ -103,7 +103,7 @@ fn redis_stopped_and_started_while_peers_heartbeat() {
     // The relay says what is wrong, in one line, and asks to retry.
     let reply = String::from_utf8_lossy(&raw_exchange(relay.addr, b"RP2P/1 PEERS\n")).to_string();
     assert!(
-        reply.starts_with("ERR busy retry-after 1 the relay's store is unavailable (redis at "),
+        reply.starts_with("ERR busy retry-after 1 the relay's store is unavailable ("),
         "{reply}"
     );
     assert_eq!(reply.lines().count(), 1, "{reply}");
@@ -134,7 +134,8 @@ fn a_frozen_redis_costs_a_request_one_store_timeout() {
     };
     // The store's timeout is half a second here (`store` above).
     let relay = relay_on(&redis);
-    assert!(live_peers(relay.addr).is_empty());
+    // Answered from Redis once: the pool holds a connection to it.
+    assert!(raw_exchange(relay.addr, b"RP2P/1 PEERS\n").starts_with(b"PEERS 0\n"));
     redis.freeze();
     let started = std::time::Instant::now();
     let reply = String::from_utf8_lossy(&raw_exchange(relay.addr, b"RP2P/1 PEERS\n")).to_string();

@@ -81,18 +81,31 @@ pub(super) fn check_url(url: &str) -> Result<(), RedisUrlError> {
         .map_err(|e| refuse(e.to_string()))
 }
 
-/// `url` with its password, if any, replaced by `***`, for logs and errors.
+/// `url` with its password, if any, replaced by `***`, for logs and errors
+/// (the user part's, and a `redis+unix` URL's `pass` parameter).
 pub(super) fn without_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        // Not a URL: nothing to show of it that could hold a secret.
+        return "an invalid URL".into();
     };
-    match rest.split_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{scheme}://{name}:***@{host}"),
-            None => format!("{scheme}://***@{host}"),
-        },
-        None => url.to_string(),
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
+    if parsed.query_pairs().any(|(k, _)| k == "pass") {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "pass" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// Opens connections for the pool, each with the store's timeouts (the
@@ -355,7 +368,8 @@ impl RedisStore {
             url: target.display(),
             reason: e.to_string(),
         })?;
-        let generation = Arc::new(AtomicU64::new(0));
+        // From 1: a connection that failed is marked 0, older than any.
+        let generation = Arc::new(AtomicU64::new(1));
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             // No connections held while idle, none opened at start.
@@ -394,13 +408,22 @@ impl RedisStore {
         }
         let result = match self.connection() {
             // A connection whose reply came too late skips it before the
-            // next (the crate's doing); one that was closed or made before
-            // the last failure is not reused (`has_broken`).
-            Ok(mut conn) => op(&mut conn.con).map_err(|e| describe(&e)),
+            // next (the crate's doing); one that was closed, or failed, or
+            // was made before the last failure is not reused (`has_broken`).
+            Ok(mut conn) => op(&mut conn.con).map_err(|e| {
+                let trouble = Trouble::of(&e);
+                if trouble == Trouble::Connection {
+                    conn.generation = 0;
+                }
+                (trouble, describe(&e))
+            }),
             // The pool's error names the last failure to connect.
-            Err(e) => Err(format!(
-                "no connection within {:?}: {e}",
-                self.pool.connection_timeout()
+            Err(e) => Err((
+                Trouble::Connection,
+                format!(
+                    "no connection within {:?}: {e}",
+                    self.pool.connection_timeout()
+                ),
             )),
         };
         match result {
@@ -408,9 +431,11 @@ impl RedisStore {
                 self.up();
                 Ok(value)
             }
-            // Any error, the server's own too (a Redis still loading its
-            // data, out of memory): wait before asking again.
-            Err(why) => Err(Unavailable(self.failed(why))),
+            Err((Trouble::Reply, why)) => {
+                warn!("redis at {}: {why}", self.target);
+                Err(Unavailable(why))
+            }
+            Err((trouble, why)) => Err(Unavailable(self.failed(why, trouble))),
         }
     }
 
@@ -426,21 +451,24 @@ impl RedisStore {
         self.pool.get()
     }
 
-    /// While a failure's backoff runs: why the store is unavailable.
+    /// While a failure's backoff runs: why the store is unavailable. When
+    /// it is over, one caller tries Redis (and the others keep waiting:
+    /// its try may take the whole timeout).
     fn waiting(&self) -> Option<String> {
         // The common case without the lock, which every request would take.
         if !self.down.load(Ordering::Relaxed) {
             return None;
         }
-        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        let down = health.down.as_ref()?;
-        let left = down.retry_at.checked_duration_since(Instant::now())?;
-        Some(format!(
-            "redis at {}: {}; next try in {}ms",
-            self.target,
-            down.why,
-            left.as_millis()
-        ))
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let down = health.down.as_mut()?;
+        let now = Instant::now();
+        match down.retry_at.checked_duration_since(now) {
+            Some(left) => Some(format!("{}; next try in {}ms", down.why, left.as_millis())),
+            None => {
+                down.retry_at = now + down.backoff + self.pool.connection_timeout();
+                None
+            }
+        }
     }
 
     fn up(&self) {
@@ -458,9 +486,12 @@ impl RedisStore {
         }
     }
 
-    /// Notes a failure; returns its description.
-    fn failed(&self, why: String) -> String {
-        self.generation.fetch_add(1, Ordering::Relaxed);
+    /// Notes a failure; returns its description. After one of the
+    /// connection, no connection made before it is used again.
+    fn failed(&self, why: String, trouble: Trouble) -> String {
+        if trouble == Trouble::Connection {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let backoff = match &health.down {
@@ -481,11 +512,51 @@ impl RedisStore {
             backoff,
             why: why.clone(),
         });
-        format!("redis at {}: {why}", self.target)
+        why
     }
 
     fn ms(d: Duration) -> u64 {
         u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// What kind of failure an error is, for what to do next.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Trouble {
+    /// No connection, a lost one, no reply in time: Redis is away. Wait,
+    /// and use no connection of before again.
+    Connection,
+    /// Redis answered that it cannot now (loading its data, out of memory,
+    /// busy with a script, a replica): wait, connections are fine.
+    Server,
+    /// A reply we did not expect (another program's keys?): this request
+    /// fails, the others go on.
+    Reply,
+}
+
+impl Trouble {
+    fn of(e: &RedisError) -> Trouble {
+        const UNAVAILABLE: [&str; 7] = [
+            "LOADING",
+            "BUSY",
+            "OOM",
+            "TRYAGAIN",
+            "MASTERDOWN",
+            "READONLY",
+            "CLUSTERDOWN",
+        ];
+        if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_unrecoverable_error()
+        {
+            Trouble::Connection
+        } else if e.code().is_some_and(|code| UNAVAILABLE.contains(&code)) {
+            Trouble::Server
+        } else {
+            Trouble::Reply
+        }
     }
 }
 
