@@ -458,6 +458,27 @@ fn an_unavailable_redis_fails_fast_then_recovers() {
 }
 
 #[test]
+fn an_unregistration_elsewhere_does_not_cut_a_listed_keys_memory() {
+    let Some(redis) =
+        RedisServer::start("an_unregistration_elsewhere_does_not_cut_a_listed_keys_memory")
+    else {
+        return;
+    };
+    // A retention much shorter than the TTL.
+    let retention = Duration::from_millis(200);
+    let store = RedisStore::new(&target(&redis.url()), LONG, 10, 100, retention).unwrap();
+    store.register(addr(2), key(1), 1).unwrap();
+    assert_eq!(store.unregister(addr(1), key(1), 2), Ok(Ok(false)));
+    std::thread::sleep(retention * 2);
+    // Still known to be listed at 2: a move, not a second listing.
+    assert_eq!(
+        store.register(addr(3), key(1), 3),
+        Ok(Registered::Moved { from: addr(2) })
+    );
+    assert_eq!(store.peers(), Ok(1));
+}
+
+#[test]
 fn after_a_backoff_one_call_tries_redis_and_the_others_do_not_wait() {
     let Some(mut redis) =
         RedisServer::start("after_a_backoff_one_call_tries_redis_and_the_others_do_not_wait")
