@@ -350,6 +350,8 @@ pub struct RedisStore {
     ranks: Mutex<(usize, usize)>,
     /// Redis's clock minus ours, in ms, as of the last sample.
     clock_offset: AtomicI64,
+    /// Whether a sample was drawn yet (and so the two above are known).
+    primed: AtomicBool,
     /// Whether `health` holds a failure: read without its lock.
     down: AtomicBool,
     /// The connector's generation (see there).
@@ -399,6 +401,7 @@ impl RedisStore {
             down: AtomicBool::new(false),
             ranks: Mutex::default(),
             clock_offset: AtomicI64::new(0),
+            primed: AtomicBool::new(false),
             generation,
             ttl,
             retention,
@@ -717,10 +720,14 @@ impl Store for RedisStore {
     }
 
     fn sample(&self, max: usize) -> Stored<Vec<(PeerAddr, PeerKey)>> {
-        let (peers, live) = self.draw(max)?;
-        // Short because the counts it started from were old (the first
-        // sample, or many expired since): once more with this one's.
-        if peers.len() < max.min(live) {
+        // The first sample learns the counts and Redis's clock first.
+        if !self.primed.swap(true, Ordering::Relaxed) {
+            self.draw(max)?;
+        }
+        let (peers, live, whole) = self.draw(max)?;
+        // Drawn from counts that were old (many expired, or came, since):
+        // once more with this one's.
+        if peers.len() < max.min(live) || (whole && live > max * 2) {
             return Ok(self.draw(max)?.0);
         }
         Ok(peers)
@@ -892,8 +899,9 @@ impl Store for RedisStore {
 }
 
 impl RedisStore {
-    /// A sample, and how many peers are live.
-    fn draw(&self, max: usize) -> Stored<(Vec<(PeerAddr, PeerKey)>, usize)> {
+    /// A sample, how many peers are live, and whether the sample was drawn
+    /// from the first of them only (the registry looked small).
+    fn draw(&self, max: usize) -> Stored<(Vec<(PeerAddr, PeerKey)>, usize, bool)> {
         // Runs of the live peers in expiry order (the expired, not yet
         // swept, come first), each from a random rank: every live peer is
         // as likely to be picked as any other, at a fraction of what single
@@ -908,8 +916,16 @@ impl RedisStore {
         } else {
             (SAMPLE_RUNS, max.div_ceil(SAMPLE_RUNS) + 2)
         };
+        // One run in each of `runs` equal stretches, from a random place:
+        // they never overlap (a sample is never short for that), and every
+        // peer is as likely to be in one as any other.
+        let stretch = live_before / runs.max(1);
+        let base = fastrand::usize(..live_before.max(1));
         let mut starts: Vec<usize> = (0..runs)
-            .map(|_| expired_before + fastrand::usize(..live_before))
+            .map(|i| {
+                let at = base + i * stretch + fastrand::usize(..=stretch.saturating_sub(width));
+                expired_before + at % live_before
+            })
             .collect();
         // From the first live peer: the whole registry when it is small,
         // and where a run that reaches the end goes on, so that the last
@@ -990,7 +1006,7 @@ impl RedisStore {
         peers.dedup_by_key(|(addr, _)| *addr);
         fastrand::shuffle(&mut peers);
         peers.truncate(max);
-        Ok((peers, total.saturating_sub(expired)))
+        Ok((peers, total.saturating_sub(expired), runs == 0))
     }
 
     /// WHO or WHOHAS: `script` run for the name or hash `what`.

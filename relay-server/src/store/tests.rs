@@ -304,6 +304,16 @@ fn samples_are_distinct_live_and_reach_everyone(open: Open) {
     assert_eq!(seen.len(), 40, "some peers are never sampled");
 }
 
+fn samples_are_full_when_enough_are_live(open: Open) {
+    let store = open(LONG, 200, 10);
+    for n in 1..=110u8 {
+        store.register(addr(u16::from(n)), key(n), 1).unwrap();
+    }
+    for _ in 0..200 {
+        assert_eq!(store.sample(50).unwrap().len(), 50);
+    }
+}
+
 fn samples_leave_out_the_expired_before_any_sweep(open: Open) {
     let store = open(Duration::from_millis(300), 100, 10);
     for n in 1..=30u8 {
@@ -365,6 +375,7 @@ on_both_stores!(
     a_changed_list_changes_what_changed,
     samples_are_distinct_live_and_reach_everyone,
     samples_leave_out_the_expired_before_any_sweep,
+    samples_are_full_when_enough_are_live,
 );
 
 fn target(url: &str) -> RedisTarget {
