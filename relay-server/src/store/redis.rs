@@ -530,6 +530,9 @@ impl RedisStore {
     }
 }
 
+/// A live peer and its key, as PEERS LONG lists them.
+type Listing = (PeerAddr, PeerKey);
+
 /// What kind of failure an error is, for what to do next.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Trouble {
@@ -901,7 +904,7 @@ impl Store for RedisStore {
 impl RedisStore {
     /// A sample, how many peers are live, and whether the sample was drawn
     /// from the first of them only (the registry looked small).
-    fn draw(&self, max: usize) -> Stored<(Vec<(PeerAddr, PeerKey)>, usize, bool)> {
+    fn draw(&self, max: usize) -> Stored<(Vec<Listing>, usize, bool)> {
         // Runs of the live peers in expiry order (the expired, not yet
         // swept, come first), each from a random rank: every live peer is
         // as likely to be picked as any other, at a fraction of what single
