@@ -143,8 +143,8 @@ impl State {
         self.flush_counters();
     }
 
-    /// Moves this relay's counts into the store; kept for the next time
-    /// when the store is unavailable.
+    /// Moves this relay's counts into the store (which keeps them while
+    /// it cannot add them).
     fn flush_counters(&self) {
         let _counting = self.counting.lock().unwrap_or_else(|p| p.into_inner());
         let taken: Vec<(&'static str, u64)> = self
@@ -153,11 +153,7 @@ impl State {
             .iter()
             .map(|(name, c)| (*name, c.swap(0, Ordering::Relaxed)))
             .collect();
-        if self.store.add_counters(&taken).is_err() {
-            for ((_, counter), (_, n)) in self.stats.named().iter().zip(&taken) {
-                counter.fetch_add(*n, Ordering::Relaxed);
-            }
-        }
+        self.store.add_counters(&taken);
     }
 
     /// The reply when the store did not answer.

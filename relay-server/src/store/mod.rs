@@ -123,8 +123,9 @@ pub trait Store: Send + Sync {
     fn list(&self, pattern: &GlobMatcher, after: Option<&FileName>) -> Stored<Page>;
     /// Holdings in the index, and distinct names.
     fn counts(&self) -> Stored<(usize, usize)>;
-    /// Adds to the network's counters (a relay's counts since it last did).
-    fn add_counters(&self, counts: &[(&'static str, u64)]) -> Stored<()>;
+    /// Adds to the network's counters (a relay's counts since it last
+    /// did). What a store cannot add now it keeps, and adds later, once.
+    fn add_counters(&self, counts: &[(&'static str, u64)]);
     /// The network's counters: every relay's counts on this store.
     fn counters(&self) -> Stored<Vec<(String, u64)>>;
     /// Whether the store answers now (checked while it is unavailable).

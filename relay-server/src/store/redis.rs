@@ -179,6 +179,7 @@ struct Scripts {
     who: Script,
     who_has: Script,
     versions: Script,
+    count: Script,
 }
 
 const PRELUDE: &str = include_str!("redis.lua");
@@ -317,6 +318,19 @@ end
 return holders(versions, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
 "#,
             ),
+            // ARGV: relay seq keep_ms, then NAME COUNT pairs. Adds the
+            // counts unless this relay's batch `seq` was added already.
+            count: script(
+                r#"
+local mark = P .. 'counted:' .. ARGV[1]
+if tonumber(ARGV[2]) <= tonumber(redis.call('GET', mark) or '0') then return 0 end
+redis.call('SET', mark, ARGV[2], 'PX', tonumber(ARGV[3]))
+for i = 4, #ARGV, 2 do
+  redis.call('HINCRBY', P .. 'stats', ARGV[i], tonumber(ARGV[i + 1]))
+end
+return 1
+"#,
+            ),
             // ARGV: the names. Flat: NAME N, then N times SIZE HASH COUNT.
             versions: script(
                 r#"
@@ -352,6 +366,10 @@ pub struct RedisStore {
     clock_offset: AtomicI64,
     /// Whether a sample was drawn yet (and so the two above are known).
     primed: AtomicBool,
+    /// This relay's name in the marks of its counts' batches.
+    flush_id: u64,
+    /// This relay's counts on their way to Redis.
+    flush: Mutex<Flush>,
     /// Whether `health` holds a failure: read without its lock.
     down: AtomicBool,
     /// The connector's generation (see there).
@@ -402,6 +420,8 @@ impl RedisStore {
             ranks: Mutex::default(),
             clock_offset: AtomicI64::new(0),
             primed: AtomicBool::new(false),
+            flush_id: fastrand::u64(..),
+            flush: Mutex::default(),
             generation,
             ttl,
             retention,
@@ -532,6 +552,21 @@ impl RedisStore {
 
 /// A live peer and its key, as PEERS LONG lists them.
 type Listing = (PeerAddr, PeerKey);
+
+/// How long Redis remembers the last batch of counts of a relay: past any
+/// retry of that batch (retries come each second).
+const FLUSH_MEMORY_MS: u64 = 3_600_000;
+
+/// A relay's counts not yet known to be in Redis.
+#[derive(Default)]
+struct Flush {
+    /// The number of the last batch sent.
+    seq: u64,
+    /// A batch sent whose reply did not come: it may be in Redis or not.
+    attempted: Option<(u64, Vec<(&'static str, u64)>)>,
+    /// Counts not sent yet.
+    pending: std::collections::BTreeMap<&'static str, u64>,
+}
 
 /// What kind of failure an error is, for what to do next.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -862,30 +897,48 @@ impl Store for RedisStore {
         Ok((holdings, names))
     }
 
-    fn add_counters(&self, counts: &[(&'static str, u64)]) -> Stored<()> {
-        let counts: Vec<_> = counts.iter().filter(|(_, n)| *n > 0).collect();
-        if counts.is_empty() {
-            return Ok(());
+    fn add_counters(&self, counts: &[(&'static str, u64)]) {
+        let mut flush = self.flush.lock().unwrap_or_else(|p| p.into_inner());
+        for &(name, n) in counts {
+            *flush.pending.entry(name).or_default() += n;
         }
-        self.run(|con| {
-            let mut pipe = redis::pipe();
-            for (name, n) in &counts {
-                pipe.cmd("HINCRBY")
-                    .arg(format!("{PREFIX}stats"))
-                    .arg(*name)
-                    .arg(*n)
-                    .ignore();
+        flush.pending.retain(|_, n| *n > 0);
+        // A batch whose fate is unknown goes again under its own number
+        // (applied once at most), before any new one.
+        if let Some((seq, batch)) = flush.attempted.take() {
+            if self.send_counts(seq, &batch).is_err() {
+                flush.attempted = Some((seq, batch));
+                return;
             }
-            pipe.query::<()>(con)
-        })
+        }
+        if flush.pending.is_empty() {
+            return;
+        }
+        flush.seq += 1;
+        let batch: Vec<(&'static str, u64)> =
+            std::mem::take(&mut flush.pending).into_iter().collect();
+        let seq = flush.seq;
+        if self.send_counts(seq, &batch).is_err() {
+            flush.attempted = Some((seq, batch));
+        }
     }
 
     fn counters(&self) -> Stored<Vec<(String, u64)>> {
-        self.run(|con| {
+        let flush = self.flush.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counters: Vec<(String, u64)> = self.run(|con| {
             redis::cmd("HGETALL")
                 .arg(format!("{PREFIX}stats"))
                 .query::<Vec<(String, u64)>>(con)
-        })
+        })?;
+        // What this relay has not sent yet (or may have: then it shows
+        // twice until it is known).
+        let unsent = flush.attempted.iter().flat_map(|(_, b)| b.iter().copied());
+        counters.extend(
+            unsent
+                .chain(flush.pending.iter().map(|(k, v)| (*k, *v)))
+                .map(|(k, v)| (k.to_string(), v)),
+        );
+        Ok(counters)
     }
 
     fn ping(&self) -> Stored<()> {
@@ -1010,6 +1063,19 @@ impl RedisStore {
         fastrand::shuffle(&mut peers);
         peers.truncate(max);
         Ok((peers, total.saturating_sub(expired), runs == 0))
+    }
+
+    /// Adds batch number `seq` of this relay's counts, unless Redis has it.
+    fn send_counts(&self, seq: u64, batch: &[(&'static str, u64)]) -> Stored<()> {
+        let id = self.flush_id;
+        self.run(|con| {
+            let mut call = self.scripts.count.prepare_invoke();
+            call.arg(format!("{id:016x}")).arg(seq).arg(FLUSH_MEMORY_MS);
+            for (name, n) in batch {
+                call.arg(*name).arg(*n);
+            }
+            call.invoke::<i64>(con).map(drop)
+        })
     }
 
     /// WHO or WHOHAS: `script` run for the name or hash `what`.
