@@ -42,8 +42,15 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn register(&self, peer: PeerAddr, key: PeerKey, ts: u64) -> Stored<Registered> {
         let registered = self.registry.register(peer, key, ts, Instant::now());
-        if let Registered::Moved { from } = registered {
-            self.index.remove(&from);
+        match registered {
+            // A new entry starts with no files, even where another key's
+            // expired entry was; a key that moves takes none along.
+            Registered::New => self.index.remove(&peer),
+            Registered::Moved { from } => {
+                self.index.remove(&peer);
+                self.index.remove(&from);
+            }
+            _ => {}
         }
         Ok(registered)
     }
@@ -83,6 +90,10 @@ impl Store for MemoryStore {
         digest: ListDigest,
         files: &[Holding],
     ) -> Stored<Result<usize, Refused>> {
+        // Only for the key that owns the entry (it may have moved since).
+        if self.registry.owner(&peer) != Some(key) {
+            return Ok(Err(Refused::Gone));
+        }
         Ok(self.index.replace(peer, key, digest, files))
     }
 

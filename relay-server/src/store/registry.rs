@@ -97,6 +97,12 @@ impl Registry {
         }
     }
 
+    /// The key that owns `peer`'s entry, if it has one.
+    pub fn owner(&self, peer: &PeerAddr) -> Option<PeerKey> {
+        let inner = self.lock();
+        inner.index.get(peer).map(|&slot| inner.slots[slot].key)
+    }
+
     /// Forgets `peer`, when `key` owns it; returns whether it was listed.
     pub fn unregister(
         &self,

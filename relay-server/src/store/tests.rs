@@ -117,7 +117,8 @@ fn unregistration_is_the_owners_and_takes_the_index_along(open: Open) {
 }
 
 fn silent_peers_expire_with_what_they_hold(open: Open) {
-    let store = open(Duration::from_millis(300), 10, 1000);
+    // Long enough for the first steps on a loaded machine.
+    let store = open(Duration::from_millis(1500), 10, 1000);
     store.register(addr(1), key(1), 10).unwrap();
     offer(&*store, 1, 1, &[holding("a", "x"), holding("b", "y")]).unwrap();
     assert_eq!(store.expire(), Ok(vec![]), "expired before its time");
@@ -141,7 +142,7 @@ fn silent_peers_expire_with_what_they_hold(open: Open) {
     );
     // An expired entry is another key's to take.
     store.register(addr(2), key(2), 1).unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(1700));
     assert_eq!(store.register(addr(2), key(3), 1), Ok(Registered::New));
 }
 
@@ -270,6 +271,25 @@ fn a_changed_list_changes_what_changed(open: Open) {
     assert_eq!(who("b"), [2]);
 }
 
+fn a_new_key_at_an_address_starts_with_no_files(open: Open) {
+    let store = open(Duration::from_millis(300), 10, 100);
+    store.register(addr(1), key(1), 1).unwrap();
+    offer(&*store, 1, 1, &[holding("a", "a")]).unwrap();
+    // Only the owner's list is taken.
+    assert_eq!(
+        offer(&*store, 1, 2, &[holding("b", "b")]),
+        Err(Refused::Gone)
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(store.register(addr(1), key(2), 1), Ok(Registered::New));
+    assert!(store
+        .who(&FileName::new("a").unwrap(), 10)
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.digest(addr(1)), Ok(None));
+    assert_eq!(store.counts(), Ok((0, 0)));
+}
+
 fn counters_add_up(open: Open) {
     let store = open(LONG, 10, 10);
     store.add_counters(&[("lookups", 2), ("offers", 0)]);
@@ -313,11 +333,12 @@ fn samples_are_full_when_enough_are_live(open: Open) {
 }
 
 fn samples_leave_out_the_expired_before_any_sweep(open: Open) {
-    let store = open(Duration::from_millis(300), 100, 10);
+    // Long enough for the fresh peers to outlive the samples when loaded.
+    let store = open(Duration::from_millis(1500), 100, 10);
     for n in 1..=30u8 {
         store.register(addr(u16::from(n)), key(n), 1).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(1700));
     for n in 31..=40u8 {
         store.register(addr(u16::from(n)), key(n), 1).unwrap();
     }
@@ -370,6 +391,7 @@ on_both_stores!(
     a_long_listing_comes_in_pages,
     a_full_index_refuses_more,
     counters_add_up,
+    a_new_key_at_an_address_starts_with_no_files,
     a_changed_list_changes_what_changed,
     samples_are_distinct_live_and_reach_everyone,
     samples_leave_out_the_expired_before_any_sweep,
