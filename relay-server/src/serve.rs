@@ -532,12 +532,7 @@ impl State {
     fn stats(&self) -> Vec<(String, u64)> {
         // Not while counts are on their way to the store (in neither place).
         let counting = self.counting.lock().unwrap_or_else(|p| p.into_inner());
-        let mut counts: HashMap<String, u64> = self
-            .store
-            .counters()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        let mut counts: HashMap<String, u64> = self.store.counters().into_iter().collect();
         for (name, counter) in self.stats.named() {
             *counts.entry(name.to_string()).or_default() += counter.load(Ordering::Relaxed);
         }
@@ -753,13 +748,15 @@ mod tests {
             let (relay, shutdown) = (Arc::clone(&relay), Arc::clone(&shutdown));
             std::thread::spawn(move || relay.sweep(&shutdown))
         };
+        // Until the expiry is counted, which follows the removal (a peer
+        // gone is not yet counted: waiting on that raced the count).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while relay.store.peers().unwrap() > 0 {
+        while !relay.stats().contains(&("expired".to_string(), 1)) {
             assert!(Instant::now() < deadline, "never swept");
             assert!(!sweeper.is_finished(), "the sweeper stopped early");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(relay.stats().contains(&("expired".to_string(), 1)));
+        assert_eq!(relay.store.peers().unwrap(), 0);
         shutdown.trigger();
         sweeper.join().unwrap();
     }
@@ -833,11 +830,11 @@ mod tests {
             );
         }
         // Unsigned, or signed over something else, or replayed: refused too.
-        let unsigned = relay
+        let (summary, unsigned) = relay
             .respond(&mut Cursor::new("RP2P/1 UNREGISTER 7000\n"), FROM, &|| {})
-            .unwrap()
-            .1;
+            .unwrap();
         assert!(matches!(unsigned, Response::Error(e) if e.code == ErrorCode::Forbidden));
+        assert!(summary.starts_with("UNREGISTER refused: "), "{summary}");
         let me = identity(7000);
         let auth = me.authorize("RP2P/1 REGISTER 7001", next_ts());
         let moved_signature = format!("RP2P/1 UNREGISTER 7000 {auth}");
@@ -1093,6 +1090,242 @@ mod tests {
             raw(&relay, &offer_text(&files, digest)),
             Response::Indexed { files: 2 }
         );
+    }
+
+    #[test]
+    fn an_offer_longer_than_one_read_is_read_to_its_end() {
+        use std::{io::Read, net::TcpListener};
+        let relay = relay();
+        let files: Vec<_> = (0..200)
+            .map(|i| holding(&format!("file-{i:04}.txt"), &i.to_string()))
+            .collect();
+        let text = offer_text(&files, ListDigest::of(&files));
+        let (line, body) = text.split_once('\n').unwrap();
+        let request = format!("{}\n{body}", signed(line));
+        // Read in several reads: the batch's deadline is counted from
+        // when it starts, not before.
+        assert!(request.len() > 3 * MAX_LINE);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        // A thread of its own: more than the socket buffers hold, maybe.
+        let writer = std::thread::spawn(move || {
+            client.write_all(request.as_bytes()).unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut reply = String::new();
+            client.read_to_string(&mut reply).unwrap();
+            reply
+        });
+        relay.handle(server);
+        assert_eq!(writer.join().unwrap(), "INDEXED 200\n");
+    }
+
+    /// A memory store that a test switches off, as a Redis that stopped
+    /// answering.
+    struct Switched {
+        store: crate::store::MemoryStore,
+        down: Arc<std::sync::atomic::AtomicBool>,
+        kept: std::sync::Mutex<Vec<(&'static str, u64)>>,
+    }
+
+    impl Switched {
+        fn up(&self) -> crate::store::Stored<()> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(Unavailable("switched off".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Store for Switched {
+        fn register(
+            &self,
+            peer: PeerAddr,
+            key: protocol::identity::PeerKey,
+            ts: u64,
+        ) -> crate::store::Stored<Registered> {
+            self.up()?;
+            self.store.register(peer, key, ts)
+        }
+        fn unregister(
+            &self,
+            peer: PeerAddr,
+            key: protocol::identity::PeerKey,
+            ts: u64,
+        ) -> crate::store::Stored<Result<bool, Refusal>> {
+            self.up()?;
+            self.store.unregister(peer, key, ts)
+        }
+        fn expire(&self) -> crate::store::Stored<Vec<PeerAddr>> {
+            self.up()?;
+            self.store.expire()
+        }
+        fn sample(
+            &self,
+            max: usize,
+        ) -> crate::store::Stored<Vec<(PeerAddr, protocol::identity::PeerKey)>> {
+            self.up()?;
+            self.store.sample(max)
+        }
+        fn peers(&self) -> crate::store::Stored<usize> {
+            self.up()?;
+            self.store.peers()
+        }
+        fn digest(&self, peer: PeerAddr) -> crate::store::Stored<Option<ListDigest>> {
+            self.up()?;
+            self.store.digest(peer)
+        }
+        fn replace(
+            &self,
+            peer: PeerAddr,
+            key: protocol::identity::PeerKey,
+            digest: ListDigest,
+            files: &[protocol::index::Holding],
+        ) -> crate::store::Stored<Result<usize, Refused>> {
+            self.up()?;
+            self.store.replace(peer, key, digest, files)
+        }
+        fn who(
+            &self,
+            name: &FileName,
+            per_version: usize,
+        ) -> crate::store::Stored<Vec<protocol::index::Holder>> {
+            self.up()?;
+            self.store.who(name, per_version)
+        }
+        fn who_has(
+            &self,
+            hash: &protocol::ContentHash,
+            per_version: usize,
+        ) -> crate::store::Stored<Vec<protocol::index::Holder>> {
+            self.up()?;
+            self.store.who_has(hash, per_version)
+        }
+        fn list(
+            &self,
+            pattern: &globset::GlobMatcher,
+            after: Option<&FileName>,
+        ) -> crate::store::Stored<crate::store::Page> {
+            self.up()?;
+            self.store.list(pattern, after)
+        }
+        fn counts(&self) -> crate::store::Stored<(usize, usize)> {
+            self.up()?;
+            self.store.counts()
+        }
+        // Kept while switched off, as a store that cannot reach its
+        // backend keeps them.
+        fn add_counters(&self, counts: &[(&'static str, u64)]) {
+            let mut kept = self.kept.lock().unwrap();
+            kept.extend_from_slice(counts);
+            if self.up().is_ok() {
+                self.store.add_counters(&kept);
+                kept.clear();
+            }
+        }
+        fn counters(&self) -> Vec<(String, u64)> {
+            let kept = self.kept.lock().unwrap();
+            let kept = kept.iter().map(|(k, v)| (k.to_string(), *v));
+            match self.up() {
+                Ok(()) => self.store.counters().into_iter().chain(kept).collect(),
+                Err(_) => kept.collect(),
+            }
+        }
+        fn ping(&self) -> crate::store::Stored<()> {
+            self.up()
+        }
+    }
+
+    #[test]
+    fn an_unavailable_store_means_busy_and_the_counts_wait_for_it() {
+        let config = Config {
+            max_registered: 3,
+            max_peers_returned: 2,
+            ..Config::default()
+        };
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = Switched {
+            store: crate::store::MemoryStore::new(config.ttl, 3, 100, Duration::from_secs(60)),
+            down: Arc::clone(&down),
+            kept: std::sync::Mutex::default(),
+        };
+        let trust = Trust::new(true, None, None, config.ttl, 100).unwrap();
+        let relay = State::new(&config, Box::new(store), Arc::default(), trust);
+        let stat = |name: &str| {
+            let Response::Stats(stats) = ask(&relay, "RP2P/1 STATS") else {
+                panic!("no stats")
+            };
+            stats.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+        };
+        let stored = |name: &str| {
+            let counters = relay.store.counters();
+            counters
+                .into_iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v)
+        };
+        assert_eq!(
+            ask(&relay, "RP2P/1 REGISTER 7000"),
+            Response::Registered { ttl_secs: 90 }
+        );
+        // A sweep moves this relay's counts to the store: counted once.
+        relay.sweep_once();
+        assert_eq!(stored("registrations"), Some(1));
+        assert_eq!(stat("registrations"), Some(1));
+
+        down.store(true, Ordering::SeqCst);
+        let (summary, reply) = relay
+            .respond(&mut Cursor::new("RP2P/1 PEERS\n"), FROM, &|| {})
+            .unwrap();
+        let Response::Error(busy) = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(busy.code, ErrorCode::Busy);
+        assert_eq!(busy.retry_after(), Some(Duration::from_secs(1)));
+        assert!(busy.message.contains("switched off"), "{busy:?}");
+        assert!(
+            summary.starts_with("PEERS failed: ") && summary.contains("switched off"),
+            "{summary}"
+        );
+        assert!(matches!(
+            ask(&relay, "RP2P/1 REGISTER 7001"),
+            Response::Error(e) if e.code == ErrorCode::Busy
+        ));
+        // This relay's counts alone, and no sizes it cannot know.
+        assert_eq!(stat("store_unavailable"), Some(2));
+        assert_eq!(stat("lookups"), Some(1));
+        assert_eq!(stat("peers_live"), None);
+        // A sweep while the store is down keeps the counts for the next.
+        relay.sweep_once();
+        assert_eq!(stat("store_unavailable"), Some(2));
+
+        down.store(false, Ordering::SeqCst);
+        relay.sweep_once();
+        assert_eq!(stored("store_unavailable"), Some(2));
+        assert_eq!(stored("lookups"), Some(1));
+        assert_eq!(stored("registrations"), Some(1));
+        assert_eq!(stat("store_unavailable"), Some(2));
+        assert_eq!(stat("peers_live"), Some(1));
+    }
+
+    #[test]
+    fn with_a_network_secret_lookups_need_it_and_registrations_do_not() {
+        let config = Config::default();
+        let trust = Trust::new(true, None, Some([7; 32]), config.ttl, 100).unwrap();
+        let store = crate::store::open(&config).unwrap();
+        let relay = State::new(&config, store, Arc::default(), trust);
+        assert_eq!(
+            ask(&relay, "RP2P/1 REGISTER 7000"),
+            Response::Registered { ttl_secs: 90 }
+        );
+        assert!(matches!(
+            ask(&relay, "RP2P/1 PEERS"),
+            Response::Error(e) if e.code == ErrorCode::Forbidden
+        ));
     }
 
     /// A reader whose every read times out, as a socket past its deadline.

@@ -120,9 +120,9 @@ impl Store for MemoryStore {
         }
     }
 
-    fn counters(&self) -> Stored<Vec<(String, u64)>> {
+    fn counters(&self) -> Vec<(String, u64)> {
         let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(counters.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+        counters.iter().map(|(k, v)| (k.to_string(), *v)).collect()
     }
 
     fn ping(&self) -> Stored<()> {

@@ -126,8 +126,10 @@ pub trait Store: Send + Sync {
     /// Adds to the network's counters (a relay's counts since it last
     /// did). What a store cannot add now it keeps, and adds later, once.
     fn add_counters(&self, counts: &[(&'static str, u64)]);
-    /// The network's counters: every relay's counts on this store.
-    fn counters(&self) -> Stored<Vec<(String, u64)>>;
+    /// The network's counters (every relay's counts on this store) with
+    /// this relay's not added yet; those alone while the store cannot be
+    /// reached.
+    fn counters(&self) -> Vec<(String, u64)>;
     /// Whether the store answers now (checked while it is unavailable).
     fn ping(&self) -> Stored<()>;
 }

@@ -10,8 +10,9 @@
 //!
 //! When Redis does not answer, every operation fails at once with
 //! [`Unavailable`] for a while (the relay answers `ERR busy retry-after`),
-//! then is tried again, the wait doubling up to [`MAX_BACKOFF`]; the
-//! sweeper pings meanwhile, so the relay recovers by itself.
+//! then one call tries it again, the wait doubling up to [`MAX_BACKOFF`];
+//! the sweeper's own calls each second are such tries, so the relay
+//! recovers by itself even when nobody asks it anything.
 
 use std::{
     sync::{
@@ -680,6 +681,14 @@ fn listed_versions(name: &str, flat: &mut impl Iterator<Item = String>) -> Vec<L
     listed
 }
 
+/// Redis's clock minus ours, in ms: `time` is its `TIME` reply (seconds,
+/// microseconds), read between our `sent` and `received` (ms since 1970).
+fn clock_offset(time: (u64, u64), sent: u64, received: u64) -> i64 {
+    let redis_ms = time.0 * 1000 + time.1 / 1000;
+    let ours = sent.midpoint(received);
+    i64::try_from(redis_ms).unwrap_or(0) - i64::try_from(ours).unwrap_or(0)
+}
+
 /// `files` as the `files` field of a peer's entry: one line per holding.
 fn encode_files(files: &[Holding]) -> String {
     let mut blob = String::with_capacity(files.len() * 96);
@@ -923,13 +932,15 @@ impl Store for RedisStore {
         }
     }
 
-    fn counters(&self) -> Stored<Vec<(String, u64)>> {
+    fn counters(&self) -> Vec<(String, u64)> {
         let flush = self.flush.lock().unwrap_or_else(|p| p.into_inner());
-        let mut counters: Vec<(String, u64)> = self.run(|con| {
-            redis::cmd("HGETALL")
-                .arg(format!("{PREFIX}stats"))
-                .query::<Vec<(String, u64)>>(con)
-        })?;
+        let mut counters: Vec<(String, u64)> = self
+            .run(|con| {
+                redis::cmd("HGETALL")
+                    .arg(format!("{PREFIX}stats"))
+                    .query::<Vec<(String, u64)>>(con)
+            })
+            .unwrap_or_default();
         // What this relay has not sent yet (or may have: then it shows
         // twice until it is known).
         let unsent = flush.attempted.iter().flat_map(|(_, b)| b.iter().copied());
@@ -938,7 +949,7 @@ impl Store for RedisStore {
                 .chain(flush.pending.iter().map(|(k, v)| (*k, *v)))
                 .map(|(k, v)| (k.to_string(), v)),
         );
-        Ok(counters)
+        counters
     }
 
     fn ping(&self) -> Stored<()> {
@@ -1023,12 +1034,8 @@ impl RedisStore {
                 ))
             })?;
         // Redis's clock against ours, for the next sample's `now`.
-        let redis_ms = time.0 * 1000 + time.1 / 1000;
-        let ours = sent.midpoint(unix_ms());
-        self.clock_offset.store(
-            i64::try_from(redis_ms).unwrap_or(0) - i64::try_from(ours).unwrap_or(0),
-            Ordering::Relaxed,
-        );
+        self.clock_offset
+            .store(clock_offset(time, sent, unix_ms()), Ordering::Relaxed);
         *self.ranks.lock().unwrap_or_else(|p| p.into_inner()) =
             (expired, total.saturating_sub(expired));
         let none = Vec::new();
@@ -1099,5 +1106,157 @@ impl RedisStore {
             self.target
         );
         Unavailable(format!("redis at {}: unexpected reply", self.target))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::RedisServer;
+    use r2d2::ManageConnection;
+
+    /// A store whose Redis is never asked: for what it does with failures.
+    fn unasked() -> RedisStore {
+        let target = RedisTarget::parse("redis://127.0.0.1:1/0").unwrap();
+        RedisStore::new(&target, Duration::from_secs(60), 10, 10, Duration::ZERO).unwrap()
+    }
+
+    fn backoff(store: &RedisStore) -> Option<Duration> {
+        let health = store.health.lock().unwrap();
+        health.down.as_ref().map(|d| d.backoff)
+    }
+
+    #[test]
+    fn the_backoff_doubles_to_its_cap_and_starts_over_once_redis_answers() {
+        let store = unasked();
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            store.failed("refused".into(), Trouble::Connection);
+            seen.push(backoff(&store).unwrap().as_millis());
+        }
+        assert_eq!(seen, [250, 500, 1000, 2000, 4000, 4000, 4000]);
+        assert!(store.waiting().unwrap().contains("refused; next try in"));
+        store.up();
+        assert_eq!(backoff(&store), None);
+        assert_eq!(store.waiting(), None);
+        // A new failure is a new outage: from the first wait again.
+        store.failed("refused".into(), Trouble::Connection);
+        assert_eq!(backoff(&store), Some(FIRST_BACKOFF));
+    }
+
+    #[test]
+    fn connections_made_before_a_failure_are_not_used_again() {
+        let Some(redis) =
+            RedisServer::start("connections_made_before_a_failure_are_not_used_again")
+        else {
+            return;
+        };
+        let connector = Connector {
+            client: redis::Client::open(redis.url()).unwrap(),
+            timeout: Duration::from_secs(5),
+            generation: Arc::new(AtomicU64::new(0)),
+        };
+        let mut old = connector.connect().unwrap();
+        assert!(!connector.has_broken(&mut old), "a good connection dropped");
+        connector.generation.fetch_add(1, Ordering::Relaxed);
+        let mut new = connector.connect().unwrap();
+        assert!(connector.has_broken(&mut old));
+        assert!(!connector.has_broken(&mut new), "a good connection dropped");
+    }
+
+    #[test]
+    fn redis_errors_are_told_in_a_few_words() {
+        use std::io::{Error, ErrorKind};
+        let io = |kind: ErrorKind| describe(&RedisError::from(Error::from(kind)));
+        assert_eq!(io(ErrorKind::ConnectionRefused), "connection refused");
+        assert_eq!(io(ErrorKind::TimedOut), "timed out");
+        assert_eq!(io(ErrorKind::BrokenPipe), "connection lost");
+        let other = RedisError::from((redis::ErrorKind::Client, "loading"));
+        assert!(describe(&other).contains("loading"), "{}", describe(&other));
+    }
+
+    #[test]
+    fn redis_time_is_compared_with_ours_halfway_through_the_round_trip() {
+        // Redis 2.5 s ahead, the reply 2 ms in coming.
+        assert_eq!(
+            clock_offset((1_000_002, 501_999), 1_000_000_000, 1_000_000_002),
+            2_500
+        );
+        // Redis behind.
+        assert_eq!(
+            clock_offset((999_999, 0), 1_000_000_000, 1_000_000_000),
+            -1_000
+        );
+    }
+
+    #[test]
+    fn a_sample_from_old_counts_leaves_out_what_expired_since() {
+        let Some(redis) =
+            RedisServer::start("a_sample_from_old_counts_leaves_out_what_expired_since")
+        else {
+            return;
+        };
+        let target = |ttl| {
+            let mut target = RedisTarget::parse(&redis.url()).unwrap();
+            target.timeout = Duration::from_secs(2);
+            RedisStore::new(&target, ttl, 100, 10, Duration::from_secs(60)).unwrap()
+        };
+        let (short, long) = (
+            target(Duration::from_millis(200)),
+            target(Duration::from_secs(60)),
+        );
+        let peer = |n: u16| {
+            let addr: PeerAddr = format!("127.0.0.1:{n}").parse().unwrap();
+            let seed = [u8::try_from(n).unwrap(); 32];
+            (addr, protocol::identity::Identity::from_seed(seed).key())
+        };
+        for n in 1..=30 {
+            let (addr, key) = peer(n);
+            short.register(addr, key, 1).unwrap();
+        }
+        // Until all 30 have expired (unswept).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !long.sample(5).unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "never expired");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for n in 31..=40 {
+            let (addr, key) = peer(n);
+            long.register(addr, key, 1).unwrap();
+        }
+        for _ in 0..50 {
+            // As the last sample left them: the 30 live, none expired.
+            *short.ranks.lock().unwrap() = (0, 30);
+            let sample = short.sample(5).unwrap();
+            assert_eq!(sample.len(), 5);
+            assert!(
+                sample.iter().all(|(a, _)| a.port() > 30),
+                "an expired peer was sampled: {sample:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_short_or_garbled_holders_reply_is_read_as_far_as_it_goes() {
+        let (a, b): (PeerAddr, PeerAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let key = protocol::identity::Identity::from_seed([1; 32])
+            .key()
+            .to_string();
+        let hash = blake3::hash(b"x").to_string();
+        let flat = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (a_s, b_s) = (a.to_string(), b.to_string());
+        // Says two holders, has one: that one.
+        let short = parse_holders(&flat(&["1", &hash, "f", "2", "2", &a_s, &key]));
+        assert_eq!(short.len(), 1);
+        assert_eq!(short[0].addr, a);
+        // A version that does not parse is skipped, not the next one.
+        let garbled = parse_holders(&flat(&[
+            "1", "nothex", "f", "1", "1", &a_s, &key, "1", &hash, "f", "1", "1", &b_s, &key,
+        ]));
+        assert_eq!(garbled.len(), 1);
+        assert_eq!(garbled[0].addr, b);
     }
 }

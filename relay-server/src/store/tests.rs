@@ -201,6 +201,10 @@ fn a_long_listing_comes_in_pages(open: Open) {
     loop {
         let page = store.list(&glob("**"), after.as_ref()).unwrap();
         assert!(page.entries.len() <= protocol::index::MAX_REPLY_LINES);
+        if page.next.is_some() {
+            // As full as a reply may be: a page is never cut short.
+            assert_eq!(page.entries.len(), protocol::index::MAX_REPLY_LINES);
+        }
         seen.extend(page.entries.iter().map(|l| l.name.as_str().to_string()));
         pages += 1;
         match page.next {
@@ -212,6 +216,43 @@ fn a_long_listing_comes_in_pages(open: Open) {
     assert_eq!(pages, 3);
     let want: Vec<String> = files.iter().map(|f| f.name.as_str().to_string()).collect();
     assert_eq!(seen, want);
+}
+
+fn a_listing_that_matches_little_stops_at_its_budget(open: Open) {
+    let store = open(LONG, 100, SCAN_BUDGET + 10);
+    let files: Vec<Holding> = (0..SCAN_BUDGET + 10)
+        .map(|i| holding(&format!("f{i:06}"), &i.to_string()))
+        .collect();
+    // From 100 peers: one list this long would take Redis longer than the
+    // tests' timeout.
+    for (n, files) in (1..=100u8).zip(files.chunks(files.len().div_ceil(100))) {
+        store.register(addr(u16::from(n)), key(n), 1).unwrap();
+        offer(&*store, u16::from(n), n, files).unwrap();
+    }
+    // Only the last ten match: the first page has looked at as many names
+    // as one request may, found none, and says where to go on.
+    let pattern = glob("f1000*");
+    let first = store.list(&pattern, None).unwrap();
+    assert!(first.entries.is_empty());
+    let next = first.next.expect("a page cut at the budget says so");
+    assert_eq!(next.as_str(), format!("f{:06}", SCAN_BUDGET - 1));
+    let second = store.list(&pattern, Some(&next)).unwrap();
+    assert_eq!(second.entries.len(), 10);
+    assert!(second.next.is_none());
+}
+
+fn a_reply_holds_at_most_max_reply_lines_holders(open: Open) {
+    let store = open(LONG, 100, 2000);
+    // 70 peers hold one content under 16 names: 1120 holdings of it.
+    let files: Vec<Holding> = (0..16)
+        .map(|i| holding(&format!("copy{i:02}"), "same"))
+        .collect();
+    for n in 1..=70u8 {
+        store.register(addr(u16::from(n)), key(n), 1).unwrap();
+        offer(&*store, u16::from(n), n, &files).unwrap();
+    }
+    let holders = store.who_has(&blake3::hash(b"same"), 70).unwrap();
+    assert_eq!(holders.len(), protocol::index::MAX_REPLY_LINES);
 }
 
 fn a_full_index_refuses_more(open: Open) {
@@ -294,7 +335,7 @@ fn counters_add_up(open: Open) {
     let store = open(LONG, 10, 10);
     store.add_counters(&[("lookups", 2), ("offers", 0)]);
     store.add_counters(&[("lookups", 3)]);
-    let counters = store.counters().unwrap();
+    let counters = store.counters();
     assert!(
         counters.contains(&("lookups".to_string(), 5)),
         "{counters:?}"
@@ -303,23 +344,30 @@ fn counters_add_up(open: Open) {
 
 fn samples_are_distinct_live_and_reach_everyone(open: Open) {
     let store = open(LONG, 100, 10);
-    for n in 1..=40u8 {
-        store.register(addr(u16::from(n)), key(n), 1).unwrap();
-    }
-    // What a sweep does each second; the Redis store learns the size.
-    store.expire().unwrap();
-    let mut seen = std::collections::HashSet::new();
-    for _ in 0..300 {
-        let sample = store.sample(5).unwrap();
-        assert_eq!(sample.len(), 5, "{sample:?}");
-        let distinct: std::collections::HashSet<_> = sample.iter().collect();
-        assert_eq!(distinct.len(), 5);
-        for (a, k) in sample {
-            assert_eq!(k, key(a.port() as u8));
-            seen.insert(a);
+    // Fewer than twice the sample, then many more.
+    for (peers, tries) in [(9, 100), (40, 300)] {
+        for n in 1..=peers {
+            store.register(addr(u16::from(n)), key(n), 1).unwrap();
         }
+        // What a sweep does each second.
+        store.expire().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..tries {
+            let sample = store.sample(5).unwrap();
+            assert_eq!(sample.len(), 5, "{sample:?}");
+            let distinct: std::collections::HashSet<_> = sample.iter().collect();
+            assert_eq!(distinct.len(), 5);
+            for (a, k) in sample {
+                assert_eq!(k, key(a.port() as u8));
+                seen.insert(a);
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            usize::from(peers),
+            "some peers are never sampled"
+        );
     }
-    assert_eq!(seen.len(), 40, "some peers are never sampled");
 }
 
 fn samples_are_full_when_enough_are_live(open: Open) {
@@ -342,6 +390,7 @@ fn samples_leave_out_the_expired_before_any_sweep(open: Open) {
     for n in 31..=40u8 {
         store.register(addr(u16::from(n)), key(n), 1).unwrap();
     }
+    let mut seen = std::collections::HashSet::new();
     for _ in 0..50 {
         let sample = store.sample(5).unwrap();
         // The memory store's draws may hit expired slots and come short.
@@ -350,7 +399,10 @@ fn samples_leave_out_the_expired_before_any_sweep(open: Open) {
             sample.iter().all(|(a, _)| a.port() > 30),
             "an expired peer was sampled: {sample:?}"
         );
+        seen.extend(sample.into_iter().map(|(a, _)| a));
     }
+    // The live ones right after the expired too.
+    assert_eq!(seen.len(), 10, "some live peers are never sampled");
 }
 
 /// Each case as a test of each store; Redis tests skip (saying so) where
@@ -389,6 +441,8 @@ on_both_stores!(
     silent_peers_expire_with_what_they_hold,
     the_index_answers_by_name_by_hash_and_by_pattern,
     a_long_listing_comes_in_pages,
+    a_listing_that_matches_little_stops_at_its_budget,
+    a_reply_holds_at_most_max_reply_lines_holders,
     a_full_index_refuses_more,
     counters_add_up,
     a_new_key_at_an_address_starts_with_no_files,
@@ -488,6 +542,160 @@ fn an_unavailable_redis_fails_fast_then_recovers() {
     assert_eq!(store.peers(), Ok(1));
 }
 
+/// How many times Redis ran `command` (lowercase), from INFO commandstats.
+fn calls(redis: &RedisServer, command: &str) -> u64 {
+    let info = redis.query(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[test]
+fn an_idle_sweep_and_a_full_sample_cost_one_round_trip() {
+    let Some(redis) = RedisServer::start("an_idle_sweep_and_a_full_sample_cost_one_round_trip")
+    else {
+        return;
+    };
+    let store = on(&redis, LONG, 100, 100);
+    for n in 1..=20u8 {
+        store.register(addr(u16::from(n)), key(n), 1).unwrap();
+    }
+    // Scripts loaded, and the sample's counts learnt.
+    store.expire().unwrap();
+    store.sample(5).unwrap();
+    let (sweeps, samples) = (calls(&redis, "evalsha"), calls(&redis, "zcard"));
+    assert_eq!(store.expire(), Ok(vec![]));
+    assert_eq!(
+        calls(&redis, "evalsha"),
+        sweeps + 1,
+        "more than one sweep script"
+    );
+    assert_eq!(store.sample(5).unwrap().len(), 5);
+    assert_eq!(
+        calls(&redis, "zcard"),
+        samples + 1,
+        "the sample was drawn twice"
+    );
+    // Nothing to count: nothing sent.
+    store.add_counters(&[("lookups", 0), ("offers", 0)]);
+    assert_eq!(
+        calls(&redis, "evalsha"),
+        sweeps + 1,
+        "counts of nothing sent"
+    );
+    assert!(store.counters().is_empty());
+}
+
+#[test]
+fn a_listing_skips_what_another_program_wrote() {
+    let Some(redis) = RedisServer::start("a_listing_skips_what_another_program_wrote") else {
+        return;
+    };
+    let store = on(&redis, LONG, 10, 100);
+    store.register(addr(1), key(1), 1).unwrap();
+    offer(&store, 1, 1, &[holding("a", "a")]).unwrap();
+    // A version nobody holds, and one that does not parse, last.
+    let hash = blake3::hash(b"x").to_string();
+    redis.query(&["SADD", "rp2p:n:x", &format!("1 {hash}")]);
+    redis.query(&["SADD", "rp2p:n:y", "junk"]);
+    redis.query(&["ZADD", "rp2p:names", "0", "x", "0", "y"]);
+    let page = store.list(&glob("*"), None).unwrap();
+    let names: Vec<&str> = page.entries.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["a"]);
+    assert!(page.next.is_none());
+}
+
+#[test]
+fn peers_that_leave_leave_nothing_behind_but_their_keys_last_times() {
+    let Some(redis) =
+        RedisServer::start("peers_that_leave_leave_nothing_behind_but_their_keys_last_times")
+    else {
+        return;
+    };
+    let store = on(&redis, Duration::from_millis(300), 10, 100);
+    store.register(addr(1), key(1), 1).unwrap();
+    store.register(addr(2), key(2), 1).unwrap();
+    let shared = holding("shared", "s");
+    offer(&store, 1, 1, &[holding("copy", "s"), shared.clone()]).unwrap();
+    offer(&store, 2, 2, &[holding("own", "o"), shared]).unwrap();
+    // One unregisters, the other goes silent and expires; a third key,
+    // never seen, unregisters an address nobody holds.
+    assert_eq!(store.unregister(addr(1), key(1), 2), Ok(Ok(true)));
+    assert_eq!(store.unregister(addr(3), key(3), 2), Ok(Ok(false)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.expire().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "never expired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut con = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap();
+    let mut left: Vec<String> = ::redis::cmd("KEYS").arg("rp2p:*").query(&mut con).unwrap();
+    left.sort();
+    let k = |n: u8| format!("rp2p:k:{}", key(n));
+    // No record of a key never seen: unsigned noise must not fill Redis.
+    let mut want = vec!["rp2p:holdings".to_string(), k(1), k(2)];
+    want.sort();
+    assert_eq!(left, want);
+    assert_eq!(redis.query(&["GET", "rp2p:holdings"]), "0");
+    for n in [1, 2] {
+        // The time of its last request, and no longer where it was...
+        let fields: Vec<String> = ::redis::cmd("HKEYS").arg(k(n)).query(&mut con).unwrap();
+        assert_eq!(fields, ["ts"], "{}", k(n));
+        // ...for a while only.
+        let ttl: i64 = redis.query(&["PTTL", &k(n)]).parse().unwrap();
+        assert!(ttl > 0 && ttl <= 60_300, "{}: {ttl}", k(n));
+    }
+}
+
+#[test]
+fn an_offer_for_an_entry_that_is_gone_is_refused() {
+    let Some(redis) = RedisServer::start("an_offer_for_an_entry_that_is_gone_is_refused") else {
+        return;
+    };
+    let store = on(&redis, LONG, 10, 100);
+    // Not listed (another relay expired it meanwhile, say).
+    assert_eq!(
+        offer(&store, 1, 1, &[holding("a", "a")]),
+        Err(Refused::Gone)
+    );
+    // Listed for another key.
+    store.register(addr(1), key(2), 1).unwrap();
+    assert_eq!(
+        offer(&store, 1, 1, &[holding("a", "a")]),
+        Err(Refused::Gone)
+    );
+    assert_eq!(store.counts(), Ok((0, 0)));
+}
+
+#[test]
+fn a_mass_expiry_is_swept_at_once_in_batches() {
+    let Some(redis) = RedisServer::start("a_mass_expiry_is_swept_at_once_in_batches") else {
+        return;
+    };
+    let store = on(&redis, Duration::from_millis(200), 1000, 100);
+    // The script loaded.
+    assert_eq!(store.expire(), Ok(vec![]));
+    for n in 1..=250u8 {
+        store.register(addr(u16::from(n)), key(n), 1).unwrap();
+    }
+    // Until every one of them has expired (a sample leaves them out).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !store.sample(10).unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "never expired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let scripts = calls(&redis, "evalsha");
+    let mut expired = store.expire().unwrap();
+    expired.sort();
+    expired.dedup();
+    assert_eq!(expired.len(), 250, "not all expired peers were swept");
+    assert_eq!(calls(&redis, "evalsha"), scripts + 3, "batches of 100");
+    assert_eq!(store.peers(), Ok(0));
+}
+
 #[test]
 fn an_unregistration_elsewhere_does_not_cut_a_listed_keys_memory() {
     let Some(redis) =
@@ -554,7 +762,7 @@ fn counts_whose_reply_was_lost_are_added_once() {
     redis.thaw();
     store.add_counters(&[("lookups", 1)]);
     let lookups = |store: &RedisStore| -> Option<u64> {
-        let counters = store.counters().ok()?;
+        let counters = store.counters();
         Some(
             counters
                 .iter()
@@ -582,6 +790,16 @@ fn urls_are_checked_and_passwords_kept_out_of_logs() {
     assert_eq!(target.display(), "redis://user:***@10.0.0.1:6379/2");
     let err = RedisTarget::parse("redis://:secret@host:bad/0").unwrap_err();
     assert!(!err.to_string().contains("secret"), "{err}");
+    assert!(RedisTarget::parse("redis+unix:///run/redis/redis.sock").is_ok());
+    let err = RedisTarget::parse("http://127.0.0.1:6379").unwrap_err();
+    assert!(err.to_string().contains("expected redis://"), "{err}");
+    // The configuration as logged: the store, never its password.
+    assert_eq!(
+        format!("{:?}", StoreConfig::Redis(target.clone())),
+        "redis://user:***@10.0.0.1:6379/2"
+    );
+    assert_eq!(format!("{target:?}"), "redis://user:***@10.0.0.1:6379/2");
+    assert_eq!(format!("{:?}", StoreConfig::Memory), "memory");
     // An @ in the password: the URL's rules, not the first @.
     let target = RedisTarget::parse("redis://u:p@ss@10.0.0.1:6379/0").unwrap();
     assert!(!target.display().contains("ss@"), "{}", target.display());
