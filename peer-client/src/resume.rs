@@ -236,7 +236,14 @@ impl Partial {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        self.file.set_len(0)?;
+        // Only a file with bytes in it is cut to nothing first: on ext4 a
+        // cut to length 0 marks the open file, and its last close then
+        // pushes every dirty page of the download to the disk before the
+        // client can exit (auto_da_alloc; 0.3 s for 1 GiB here, on the
+        // client's exit path). A fresh `.part` is empty already.
+        if had_bytes {
+            self.file.set_len(0)?;
+        }
         self.file.set_len(size)?;
         *record = Some(Record::new(size, hash));
         let resumed = if why.is_empty() {
