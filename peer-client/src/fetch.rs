@@ -14,11 +14,18 @@
 //! piece goes back to the others, from the last verified byte. When no
 //! piece is left to take, an idle source joins a piece still being fetched
 //! (endgame): whichever delivers a group first wins it.
+//!
+//! To a file, one writer thread writes what the sources verified, so that
+//! a source receives and verifies the next batch while the last one is
+//! copied into the page cache (the costliest step of a download to a
+//! file: see BENCHMARKS.md). Only the writer notes bytes in the record of
+//! verified ranges, once they are written.
 
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
     io::{self, Read},
+    ops::Range,
     sync::{mpsc, Arc, Condvar, Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
@@ -40,6 +47,12 @@ const MAX_PAUSE: Duration = Duration::from_secs(4);
 /// chunk groups, few enough that they are still in the cache when they
 /// are hashed and then written.
 const BATCH: usize = 512 << 10;
+
+/// Batches one source may have at once when writing to a file: the one it
+/// fills, and the ones waiting for or being written by the writer thread.
+/// Enough for the writer to fall a little behind without stopping the
+/// source; 2 MiB a source.
+const BUFFERS: usize = 4;
 
 /// Most peers asked for a file's size and hash at once.
 const MAX_PROBES: usize = 64;
@@ -66,13 +79,24 @@ pub trait Sink: Send {
     /// A handle to write at any offset, where the output is a file that
     /// can take pieces out of order; `None` where content must come in
     /// order (stdout, a FIFO).
-    fn positional(&mut self) -> Option<File> {
+    fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
         None
     }
     /// Where a download is kept for a later run to continue, where it can
     /// be (a file; not stdout or a FIFO).
     fn partial(&self) -> Option<Arc<Partial>> {
         None
+    }
+}
+
+/// Output that takes bytes at any offset: the partial file.
+pub trait WriteAt: Send {
+    fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()>;
+}
+
+impl WriteAt for File {
+    fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, buf, at)
     }
 }
 
@@ -406,15 +430,7 @@ impl Fetcher<'_> {
         } else {
             SHARED_PIECE
         };
-        let board = Board::new(
-            version.size,
-            piece,
-            &have,
-            ordered.then_some(WINDOW),
-            sink,
-            positional,
-            partial.clone(),
-        );
+        let board = Board::new(version.size, piece, &have, ordered.then_some(WINDOW), sink);
         let job = Job {
             name,
             version,
@@ -430,15 +446,29 @@ impl Fetcher<'_> {
             failed: false,
         };
         let outcomes: Vec<(PeerAddr, Outcome)> = thread::scope(|scope| {
+            // The writer's queue is bounded by the sources' buffers: each
+            // has at most BUFFERS batches out at once.
+            let (to_writer, writer) = match positional {
+                Some(out) => {
+                    let (queue, chunks) = mpsc::sync_channel(sources.len() * BUFFERS);
+                    let (board, partial, events) = (&board, partial.as_deref(), events.clone());
+                    let writer =
+                        scope.spawn(move || write_out(&*out, chunks, board, partial, &events));
+                    (Some(queue), Some(writer))
+                }
+                None => (None, None),
+            };
             let workers: Vec<_> = sources
                 .iter()
                 .map(|&peer| {
-                    let (job, events) = (&job, events.clone());
-                    (peer, scope.spawn(move || job.run(peer, &events)))
+                    let (job, events, to_writer) = (&job, events.clone(), to_writer.clone());
+                    (peer, scope.spawn(move || job.run(peer, &events, to_writer)))
                 })
                 .collect();
-            drop(events);
-            // Ends when every source has ended and dropped its sender.
+            drop((events, to_writer));
+            // Ends when every source and the writer have ended and dropped
+            // their senders (the writer ends after the last source: its
+            // queue closes with their ends).
             for event in inbox {
                 match event {
                     Event::Note(line) => (self.note)(&line),
@@ -448,7 +478,7 @@ impl Fetcher<'_> {
                     }
                 }
             }
-            workers
+            let outcomes = workers
                 .into_iter()
                 .map(|(peer, worker)| {
                     let outcome = worker.join().unwrap_or(Outcome {
@@ -457,7 +487,13 @@ impl Fetcher<'_> {
                     });
                     (peer, outcome)
                 })
-                .collect()
+                .collect();
+            // Joined before the result is judged: everything delivered is
+            // written (or the failure to write it is known).
+            if writer.is_some_and(|writer| writer.join().is_err()) {
+                board.fail(io::Error::other("the thread writing the file failed"));
+            }
+            outcomes
         });
         self.progress.finish();
         let state = board.into_state();
@@ -648,11 +684,8 @@ struct State<'s> {
     /// In order: how far past `out` pieces may be taken.
     window: Option<u64>,
     sink: &'s mut dyn Sink,
-    positional: Option<File>,
     /// Writing failed: every source stops.
     output: Option<io::Error>,
-    /// Where verified bytes written to the file are noted, for a later run.
-    partial: Option<Arc<Partial>>,
     /// Sources waiting for a change: only then is anyone woken (a wake is
     /// a system call, and most deliveries concern nobody waiting).
     waiting: usize,
@@ -691,8 +724,6 @@ impl<'s> Board<'s> {
         have: &[(u64, u64)],
         window: Option<u64>,
         sink: &'s mut dyn Sink,
-        positional: Option<File>,
-        partial: Option<Arc<Partial>>,
     ) -> Self {
         let mut pieces = Vec::new();
         if size == 0 {
@@ -734,9 +765,7 @@ impl<'s> Board<'s> {
                 pending: BTreeMap::new(),
                 window,
                 sink,
-                positional,
                 output: None,
-                partial,
                 waiting: 0,
             }),
             changed: Condvar::new(),
@@ -813,47 +842,169 @@ impl<'s> Board<'s> {
     }
 
     /// Hands on verified bytes of piece `index` starting at `offset`.
-    /// Bytes another source delivered already are skipped.
-    fn deliver(&self, index: usize, offset: u64, data: &[u8], delivered: &mut u64) -> Delivered {
+    /// Bytes another source delivered already are skipped. In order
+    /// (stdout) the rest is written here; for a file it is the caller's to
+    /// hand to the writer (`Fresh`), outside this lock.
+    fn deliver(
+        &self,
+        index: usize,
+        offset: u64,
+        data: &[u8],
+        delivered: &mut u64,
+    ) -> (Delivered, Option<Fresh>) {
         let mut state = self.lock();
         if state.output.is_some() {
-            return Delivered::Stop;
+            return (Delivered::Stop, None);
         }
         let piece = state.pieces[index];
         let end = offset + data.len() as u64;
         // Sources deliver in order from where the piece stood when they
         // took it, so `offset <= piece.got`; anything else is not used.
         if end <= piece.got || offset > piece.got {
-            return if piece.got >= piece.end {
+            let next = if piece.got >= piece.end {
                 Delivered::PieceDone
             } else {
                 Delivered::More
             };
+            return (next, None);
         }
-        let data = &data[(piece.got - offset) as usize..];
+        let skip = (piece.got - offset) as usize;
         let at = piece.got;
-        let written = match &state.positional {
-            Some(file) => std::os::unix::fs::FileExt::write_all_at(file, data, at),
-            None => state.in_order(at, data),
+        let fresh = if state.window.is_some() {
+            if let Err(e) = state.in_order(at, &data[skip..]) {
+                state.output = Some(e);
+                self.changed(state);
+                return (Delivered::Stop, None);
+            }
+            None
+        } else {
+            Some(Fresh { at, skip })
         };
-        if let Err(e) = written {
-            state.output = Some(e);
-            self.changed(state);
-            return Delivered::Stop;
-        }
-        if let Some(partial) = &state.partial {
-            partial.verified(at, at + data.len() as u64);
-        }
-        state.pieces[index].got += data.len() as u64;
-        *delivered += data.len() as u64;
-        let done = state.pieces[index].got >= piece.end;
+        state.pieces[index].got = end;
+        *delivered += end - at;
         self.changed(state);
-        if done {
+        let next = if end >= piece.end {
             Delivered::PieceDone
         } else {
             Delivered::More
+        };
+        (next, fresh)
+    }
+
+    /// Writing failed: every source stops at its next delivery or claim.
+    fn fail(&self, e: io::Error) {
+        let mut state = self.lock();
+        state.output.get_or_insert(e);
+        self.changed(state);
+    }
+}
+
+/// Bytes a source delivered first, for the writer: `data[skip..]` of what
+/// it handed to the board, at offset `at` of the file.
+struct Fresh {
+    at: u64,
+    skip: usize,
+}
+
+/// A batch buffer lent by a source's [`Pool`]: it goes back to the pool
+/// when dropped, wherever that is (the source, or the writer once it has
+/// written it or given up writing).
+struct Lent {
+    buf: Vec<u8>,
+    home: mpsc::SyncSender<Vec<u8>>,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        // The pool's channel holds every buffer it made: never full. If the
+        // pool is gone, the buffer is simply freed.
+        let _ = self.home.try_send(std::mem::take(&mut self.buf));
+    }
+}
+
+/// The batch buffers of one source: one for stdout (written before the
+/// next batch is read), BUFFERS for a file, made as they are needed.
+struct Pool {
+    home: mpsc::SyncSender<Vec<u8>>,
+    back: mpsc::Receiver<Vec<u8>>,
+    made: usize,
+    most: usize,
+}
+
+impl Pool {
+    fn new(most: usize) -> Self {
+        let (home, back) = mpsc::sync_channel(most);
+        Pool {
+            home,
+            back,
+            made: 0,
+            most,
         }
     }
+
+    /// A buffer: one given back, a new one, or else the next the writer
+    /// gives back (it gives back every one, written or not; and the pool
+    /// holds its own sender, so the wait cannot end in a disconnect).
+    fn take(&mut self) -> Lent {
+        let buf = match self.back.try_recv() {
+            Ok(buf) => buf,
+            Err(_) if self.made < self.most => {
+                self.made += 1;
+                vec![0; BATCH]
+            }
+            Err(_) => self.back.recv().unwrap_or_else(|_| vec![0; BATCH]),
+        };
+        Lent {
+            buf,
+            home: self.home.clone(),
+        }
+    }
+}
+
+/// Verified bytes on their way to the file: `buf[range]`, at offset `at`.
+struct Chunk {
+    at: u64,
+    buf: Lent,
+    range: Range<usize>,
+}
+
+/// The writer thread of a download to a file: writes each chunk at its
+/// offset, and only then notes it in the record of verified ranges and
+/// reports it (which makes the checkpoints: the record names no byte
+/// that is not written, and a checkpoint flushes the data before
+/// recording). After a failure (a full disk) it tells the board, so that
+/// every source stops, and writes nothing more, but still takes every
+/// chunk until the sources are gone, so that each buffer goes back and no
+/// source waits for one in vain.
+fn write_out(
+    out: &dyn WriteAt,
+    chunks: mpsc::Receiver<Chunk>,
+    board: &Board<'_>,
+    partial: Option<&Partial>,
+    events: &mpsc::Sender<Event>,
+) {
+    let mut report = Report::new(events);
+    let mut failed = false;
+    for chunk in chunks {
+        if failed {
+            continue;
+        }
+        let data = &chunk.buf.buf[chunk.range.clone()];
+        let end = chunk.at + data.len() as u64;
+        match out.write_all_at(data, chunk.at) {
+            Ok(()) => {
+                if let Some(partial) = partial {
+                    partial.verified(chunk.at, end);
+                }
+                report.add(data.len() as u64);
+            }
+            Err(e) => {
+                board.fail(e);
+                failed = true;
+            }
+        }
+    }
+    report.flush();
 }
 
 impl State<'_> {
@@ -891,7 +1042,15 @@ struct Report<'e> {
     sent: Option<Instant>,
 }
 
-impl Report<'_> {
+impl<'e> Report<'e> {
+    fn new(events: &'e mpsc::Sender<Event>) -> Self {
+        Report {
+            events,
+            pending: 0,
+            sent: None,
+        }
+    }
+
     fn add(&mut self, bytes: u64) {
         self.pending += bytes;
         if self.sent.is_none_or(|at| at.elapsed() >= REPORT) {
@@ -906,6 +1065,13 @@ impl Report<'_> {
             self.sent = Some(Instant::now());
         }
     }
+}
+
+/// Where a source's verified batches go after the board: its buffers, and
+/// the writer's queue when writing to a file.
+struct Outlet {
+    pool: Pool,
+    writer: Option<mpsc::SyncSender<Chunk>>,
 }
 
 /// How a source ended.
@@ -930,15 +1096,22 @@ enum Attempt {
 
 impl Job<'_, '_> {
     /// One source: takes pieces until none is left or the source fails.
-    fn run(&self, peer: PeerAddr, events: &mpsc::Sender<Event>) -> Outcome {
+    /// With a writer (a file), verified batches go to it; in order
+    /// (stdout) they are written as they are delivered.
+    fn run(
+        &self,
+        peer: PeerAddr,
+        events: &mpsc::Sender<Event>,
+        writer: Option<mpsc::SyncSender<Chunk>>,
+    ) -> Outcome {
         let mut outcome = Outcome {
             delivered: 0,
             dropped: None,
         };
-        let mut report = Report {
-            events,
-            pending: 0,
-            sent: None,
+        let mut report = Report::new(events);
+        let mut out = Outlet {
+            pool: Pool::new(if writer.is_some() { BUFFERS } else { 1 }),
+            writer,
         };
         let (mut pause, mut busy_since) = (Duration::from_millis(50), None);
         // Bounded: every round either finishes a piece, waits at most 100
@@ -952,7 +1125,14 @@ impl Job<'_, '_> {
                 }
                 Claim::Piece { index, from } => (index, from),
             };
-            let attempt = self.fetch_piece(peer, index, from, &mut report, &mut outcome.delivered);
+            let attempt = self.fetch_piece(
+                peer,
+                index,
+                from,
+                &mut out,
+                &mut report,
+                &mut outcome.delivered,
+            );
             report.flush();
             self.board.leave(index);
             match attempt {
@@ -990,6 +1170,7 @@ impl Job<'_, '_> {
         peer: PeerAddr,
         index: usize,
         from: u64,
+        out: &mut Outlet,
         report: &mut Report<'_>,
         delivered: &mut u64,
     ) -> Attempt {
@@ -1062,7 +1243,6 @@ impl Job<'_, '_> {
             Err(e) => return Attempt::Drop(format!("sent a proof that does not check out: {e}")),
         };
         drop(proof_bytes);
-        let mut buf = vec![0; BATCH];
         // Bytes received since `window` began, for the low-speed limit.
         let (mut window, mut in_window) = (Instant::now(), 0u64);
         let mut rest = &groups[..];
@@ -1076,13 +1256,16 @@ impl Job<'_, '_> {
             }
             let (batch, after) = rest.split_at(take);
             rest = after;
+            // To a file, the buffer of the last batch may still be being
+            // written: this one is another (or waits for one).
+            let mut buf = out.pool.take();
             let at = batch[0].offset;
             // Each group is checked as soon as it is whole; `good` bytes
             // of the batch (`checked` groups) have checked out.
             let (mut filled, mut good, mut checked) = (0, 0, 0);
             let mut failure = None;
             while filled < len && failure.is_none() {
-                let n = match reader.read(&mut buf[filled..len]) {
+                let n = match reader.read(&mut buf.buf[filled..len]) {
                     Ok(0) => {
                         let eof = io::ErrorKind::UnexpectedEof.into();
                         failure = Some(broke(at + filled as u64, eof));
@@ -1098,7 +1281,7 @@ impl Job<'_, '_> {
                 filled += n;
                 while checked < batch.len() && good + batch[checked].len <= filled {
                     let group = &batch[checked];
-                    if !group.verify(&buf[good..good + group.len]) {
+                    if !group.verify(&buf.buf[good..good + group.len]) {
                         failure = Some(format!(
                             "sent bytes {}-{} that fail verification; dropped",
                             group.offset,
@@ -1130,8 +1313,24 @@ impl Job<'_, '_> {
             // What checked out is kept, even from a source that then fails.
             if good > 0 {
                 let before = *delivered;
-                let result = self.board.deliver(index, at, &buf[..good], delivered);
-                report.add(*delivered - before);
+                let (result, fresh) = self.board.deliver(index, at, &buf.buf[..good], delivered);
+                match (&out.writer, fresh) {
+                    (Some(writer), Some(Fresh { at, skip })) => {
+                        // The next batch is read while this one is written;
+                        // progress is the writer's to report.
+                        let chunk = Chunk {
+                            at,
+                            range: skip..good,
+                            buf,
+                        };
+                        if writer.send(chunk).is_err() {
+                            self.board
+                                .fail(io::Error::other("the thread writing the file failed"));
+                            return Attempt::Stop;
+                        }
+                    }
+                    _ => report.add(*delivered - before),
+                }
                 match result {
                     Delivered::More => {}
                     Delivered::PieceDone if failure.is_none() => return Attempt::Done,
@@ -1244,8 +1443,10 @@ mod tests {
         fn room(&self) -> Option<u64> {
             self.room
         }
-        fn positional(&mut self) -> Option<File> {
-            self.file.as_ref().map(|f| f.reopen().unwrap())
+        fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
+            self.file
+                .as_ref()
+                .map(|f| Box::new(f.reopen().unwrap()) as Box<dyn WriteAt>)
         }
     }
 
@@ -1255,6 +1456,30 @@ mod tests {
         notes: Vec<String>,
     }
 
+    /// Fetches "f.bin" from `peers` into `sink`, `sources` at a time.
+    fn fetch_into(
+        sink: &mut dyn Sink,
+        peers: &[PeerAddr],
+        sources: usize,
+        limits: Limits,
+        note: &mut dyn FnMut(&str),
+    ) -> Result<Fetched, FetchError> {
+        Fetcher {
+            timeout: Duration::from_secs(2),
+            limits,
+            expect: None,
+            keys: HashMap::new(),
+            note,
+            progress: &mut (),
+        }
+        .fetch_with(
+            peers,
+            &FileName::new("f.bin").unwrap(),
+            sink,
+            Options { sources },
+        )
+    }
+
     fn run(peers: &[PeerAddr], sources: usize, positional: bool, limits: Limits) -> Run {
         let mut notes = Vec::new();
         let mut sink = Memory {
@@ -1262,20 +1487,9 @@ mod tests {
             room: None,
             file: positional.then(|| tempfile::NamedTempFile::new().unwrap()),
         };
-        let result = Fetcher {
-            timeout: Duration::from_secs(2),
-            limits,
-            expect: None,
-            keys: HashMap::new(),
-            note: &mut |line| notes.push(line.to_string()),
-            progress: &mut (),
-        }
-        .fetch_with(
-            peers,
-            &FileName::new("f.bin").unwrap(),
-            &mut sink,
-            Options { sources },
-        );
+        let result = fetch_into(&mut sink, peers, sources, limits, &mut |line| {
+            notes.push(line.to_string())
+        });
         let data = match &sink.file {
             Some(file) => std::fs::read(file.path()).unwrap(),
             None => sink.data,
@@ -1616,5 +1830,202 @@ mod tests {
         assert!(matches!(err, FetchError::TooBig { .. }), "{err}");
         assert!(err.to_string().contains("over --max-size 4999"), "{err}");
         assert!(asked.try_iter().all(|l| l.contains("HEAD")));
+    }
+
+    /// Takes writes until `room` bytes are used, then fails as a full disk
+    /// does; notes what it took.
+    struct Filling {
+        out: Mutex<Box<dyn WriteAt>>,
+        room: u64,
+        taken: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl WriteAt for Arc<Filling> {
+        fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
+            let mut taken = self.taken.lock().unwrap();
+            let used: u64 = taken.iter().map(|(start, end)| end - start).sum();
+            if used + buf.len() as u64 > self.room {
+                return Err(io::Error::from_raw_os_error(28));
+            }
+            self.out.lock().unwrap().write_all_at(buf, at)?;
+            taken.push((at, at + buf.len() as u64));
+            Ok(())
+        }
+    }
+
+    /// A real download to a file (`FileSink`: the `.part` and its record)
+    /// whose writes go through `filling`, once it is set.
+    struct FullDisk {
+        inner: crate::save::FileSink,
+        room: u64,
+        filling: Option<Arc<Filling>>,
+    }
+
+    impl Sink for FullDisk {
+        fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+            self.inner.write_all(buf)
+        }
+        fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
+            let filling = Arc::new(Filling {
+                out: Mutex::new(self.inner.positional()?),
+                room: self.room,
+                taken: Mutex::new(Vec::new()),
+            });
+            self.filling = Some(Arc::clone(&filling));
+            Some(Box::new(filling))
+        }
+        fn partial(&self) -> Option<Arc<Partial>> {
+            self.inner.partial()
+        }
+    }
+
+    /// Sorted, touching ranges merged: as a record holds them.
+    fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+        ranges.sort();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in ranges {
+            match out.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ => out.push((start, end)),
+            }
+        }
+        out
+    }
+
+    /// A disk that fills up during a download (the writer thread's write
+    /// fails): the fetch stops with the local error (exit code 4), and the
+    /// record of the partial file names exactly the bytes written, which
+    /// a later run keeps and finishes from.
+    #[test]
+    fn a_disk_that_fills_up_stops_the_fetch_and_keeps_only_what_was_written() {
+        let content = content(2 * SHARED_PIECE as usize + 100_000);
+        let hash = blake3::hash(&content);
+        let name = FileName::new("f.bin").unwrap();
+        for sources in [1, 2] {
+            let peers: Vec<PeerAddr> = (0..sources)
+                .map(|_| fake_peer(honest(Arc::clone(&content))).0)
+                .collect();
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("f.bin");
+            let mut sink = FullDisk {
+                inner: crate::save::FileSink::create(&dest, &name).unwrap(),
+                room: 3 * BATCH as u64,
+                filling: None,
+            };
+            let err =
+                fetch_into(&mut sink, &peers, sources, Limits::default(), &mut |_| {}).unwrap_err();
+            assert!(
+                matches!(&err, FetchError::Output { source, .. } if source.raw_os_error() == Some(28)),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "cannot write \"f.bin\": {}",
+                    io::Error::from_raw_os_error(28)
+                )
+            );
+            assert_eq!(crate::failure::Failure::from(err).exit_code(), 4);
+            let written = merged(sink.filling.take().unwrap().taken.lock().unwrap().clone());
+            assert_eq!(
+                written.iter().map(|(s, e)| e - s).sum::<u64>(),
+                3 * BATCH as u64,
+                "{sources} source(s)"
+            );
+            if sources == 1 {
+                assert_eq!(written, [(0, 3 * BATCH as u64)]);
+            }
+            // What the client does on a failure; then the next run.
+            let part = sink.inner.set_aside().expect("the partial file is kept");
+            let bytes = std::fs::read(&part).unwrap();
+            for &(start, end) in &written {
+                let (start, end) = (start as usize, end as usize);
+                assert!(bytes[start..end] == content[start..end]);
+            }
+            let partial = Partial::open(&dest).unwrap();
+            let (kept, _) = partial.start(content.len() as u64, hash).unwrap();
+            assert_eq!(kept, written, "the record names what was written");
+            drop(partial);
+            let mut sink = crate::save::FileSink::create(&dest, &name).unwrap();
+            let fetched =
+                fetch_into(&mut sink, &peers, sources, Limits::default(), &mut |_| {}).unwrap();
+            assert_eq!(fetched.resumed, 3 * BATCH as u64);
+            sink.commit().unwrap();
+            assert!(std::fs::read(&dest).unwrap() == *content);
+        }
+    }
+
+    /// Holds the first write until `gate` opens (5 s at most); notes
+    /// whether it opened in time.
+    struct Gated {
+        out: File,
+        gate: Arc<(Mutex<bool>, Condvar)>,
+        in_time: Arc<Mutex<Option<bool>>>,
+    }
+
+    impl WriteAt for Gated {
+        fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
+            let mut in_time = self.in_time.lock().unwrap();
+            if in_time.is_none() {
+                let (open, opened) = &*self.gate;
+                let (open, _) = opened
+                    .wait_timeout_while(open.lock().unwrap(), Duration::from_secs(5), |o| !*o)
+                    .unwrap();
+                *in_time = Some(*open);
+            }
+            std::os::unix::fs::FileExt::write_all_at(&self.out, buf, at)
+        }
+    }
+
+    struct GatedFile {
+        file: tempfile::NamedTempFile,
+        gate: Arc<(Mutex<bool>, Condvar)>,
+        in_time: Arc<Mutex<Option<bool>>>,
+    }
+
+    impl Sink for GatedFile {
+        fn write_all(&mut self, _: &[u8]) -> io::Result<()> {
+            Err(io::Error::other("written in order"))
+        }
+        fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
+            Some(Box::new(Gated {
+                out: self.file.reopen().unwrap(),
+                gate: Arc::clone(&self.gate),
+                in_time: Arc::clone(&self.in_time),
+            }))
+        }
+    }
+
+    /// To a file, a source receives and verifies its next batch while the
+    /// last one is being written: a bad group in the second batch is
+    /// found while the write of the first is still held up.
+    #[test]
+    fn the_next_batch_is_verified_while_the_last_is_written() {
+        let content = content(4 * BATCH);
+        let (liar, _) = fake_peer(flipping(Arc::clone(&content), BATCH as u64 + 100));
+        let mut sink = GatedFile {
+            file: tempfile::NamedTempFile::new().unwrap(),
+            gate: Arc::new((Mutex::new(false), Condvar::new())),
+            in_time: Arc::new(Mutex::new(None)),
+        };
+        let gate = Arc::clone(&sink.gate);
+        let mut notes = Vec::new();
+        let result = fetch_into(&mut sink, &[liar], 1, Limits::default(), &mut |line| {
+            if line.contains("fail verification") {
+                *gate.0.lock().unwrap() = true;
+                gate.1.notify_all();
+            }
+            notes.push(line.to_string());
+        });
+        assert!(result.is_err());
+        assert_eq!(
+            *sink.in_time.lock().unwrap(),
+            Some(true),
+            "the second batch was not verified while the first was written: {notes:?}"
+        );
+        // The first batch, and the good groups of the second, are written.
+        let good = BATCH + 100 / proof::GROUP as usize * proof::GROUP as usize;
+        let data = std::fs::read(sink.file.path()).unwrap();
+        assert!(data[..good] == content[..good]);
     }
 }
