@@ -15,17 +15,14 @@
 //! piece is left to take, an idle source joins a piece still being fetched
 //! (endgame): whichever delivers a group first wins it.
 //!
-//! To a file, one writer thread writes what the sources verified, so that
-//! a source receives and verifies the next batch while the last one is
-//! copied into the page cache (the costliest step of a download to a
-//! file: see BENCHMARKS.md). Only the writer notes bytes in the record of
-//! verified ranges, once they are written.
+//! To a file, each source writes what it verified itself, at its offset,
+//! outside the board's lock (several sources write at once), and only
+//! then notes it in the record of verified ranges.
 
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
     io::{self, Read},
-    ops::Range,
     sync::{mpsc, Arc, Condvar, Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
@@ -47,12 +44,6 @@ const MAX_PAUSE: Duration = Duration::from_secs(4);
 /// chunk groups, few enough that they are still in the cache when they
 /// are hashed and then written.
 const BATCH: usize = 512 << 10;
-
-/// Batches one source may have at once when writing to a file: the one it
-/// fills, and the ones waiting for or being written by the writer thread.
-/// Enough for the writer to fall a little behind without stopping the
-/// source; 2 MiB a source.
-const BUFFERS: usize = 4;
 
 /// Most peers asked for a file's size and hash at once.
 const MAX_PROBES: usize = 64;
@@ -89,8 +80,9 @@ pub trait Sink: Send {
     }
 }
 
-/// Output that takes bytes at any offset: the partial file.
-pub trait WriteAt: Send {
+/// Output that takes bytes at any offset: the partial file. Shared by the
+/// sources, which write at once.
+pub trait WriteAt: Send + Sync {
     fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()>;
 }
 
@@ -437,6 +429,8 @@ impl Fetcher<'_> {
             timeout: self.timeout,
             limits: self.limits,
             board: &board,
+            file: positional.as_deref(),
+            partial: partial.as_deref(),
         };
         self.progress.start(version.size, resumed);
         let (events, inbox) = mpsc::channel();
@@ -446,29 +440,15 @@ impl Fetcher<'_> {
             failed: false,
         };
         let outcomes: Vec<(PeerAddr, Outcome)> = thread::scope(|scope| {
-            // The writer's queue is bounded by the sources' buffers: each
-            // has at most BUFFERS batches out at once.
-            let (to_writer, writer) = match positional {
-                Some(out) => {
-                    let (queue, chunks) = mpsc::sync_channel(sources.len() * BUFFERS);
-                    let (board, partial, events) = (&board, partial.as_deref(), events.clone());
-                    let writer =
-                        scope.spawn(move || write_out(&*out, chunks, board, partial, &events));
-                    (Some(queue), Some(writer))
-                }
-                None => (None, None),
-            };
             let workers: Vec<_> = sources
                 .iter()
                 .map(|&peer| {
-                    let (job, events, to_writer) = (&job, events.clone(), to_writer.clone());
-                    (peer, scope.spawn(move || job.run(peer, &events, to_writer)))
+                    let (job, events) = (&job, events.clone());
+                    (peer, scope.spawn(move || job.run(peer, &events)))
                 })
                 .collect();
-            drop((events, to_writer));
-            // Ends when every source and the writer have ended and dropped
-            // their senders (the writer ends after the last source: its
-            // queue closes with their ends).
+            drop(events);
+            // Ends when every source has ended and dropped its sender.
             for event in inbox {
                 match event {
                     Event::Note(line) => (self.note)(&line),
@@ -478,7 +458,7 @@ impl Fetcher<'_> {
                     }
                 }
             }
-            let outcomes = workers
+            workers
                 .into_iter()
                 .map(|(peer, worker)| {
                     let outcome = worker.join().unwrap_or(Outcome {
@@ -487,13 +467,7 @@ impl Fetcher<'_> {
                     });
                     (peer, outcome)
                 })
-                .collect();
-            // Joined before the result is judged: everything delivered is
-            // written (or the failure to write it is known).
-            if writer.is_some_and(|writer| writer.join().is_err()) {
-                board.fail(io::Error::other("the thread writing the file failed"));
-            }
-            outcomes
+                .collect()
         });
         self.progress.finish();
         let state = board.into_state();
@@ -844,7 +818,7 @@ impl<'s> Board<'s> {
     /// Hands on verified bytes of piece `index` starting at `offset`.
     /// Bytes another source delivered already are skipped. In order
     /// (stdout) the rest is written here; for a file it is the caller's to
-    /// hand to the writer (`Fresh`), outside this lock.
+    /// write (`Fresh`), outside this lock.
     fn deliver(
         &self,
         index: usize,
@@ -899,112 +873,11 @@ impl<'s> Board<'s> {
     }
 }
 
-/// Bytes a source delivered first, for the writer: `data[skip..]` of what
-/// it handed to the board, at offset `at` of the file.
+/// Bytes a source delivered first, for it to write: `data[skip..]` of
+/// what it handed to the board, at offset `at` of the file.
 struct Fresh {
     at: u64,
     skip: usize,
-}
-
-/// A batch buffer lent by a source's [`Pool`]: it goes back to the pool
-/// when dropped, wherever that is (the source, or the writer once it has
-/// written it or given up writing).
-struct Lent {
-    buf: Vec<u8>,
-    home: mpsc::SyncSender<Vec<u8>>,
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        // The pool's channel holds every buffer it made: never full. If the
-        // pool is gone, the buffer is simply freed.
-        let _ = self.home.try_send(std::mem::take(&mut self.buf));
-    }
-}
-
-/// The batch buffers of one source: one for stdout (written before the
-/// next batch is read), BUFFERS for a file, made as they are needed.
-struct Pool {
-    home: mpsc::SyncSender<Vec<u8>>,
-    back: mpsc::Receiver<Vec<u8>>,
-    made: usize,
-    most: usize,
-}
-
-impl Pool {
-    fn new(most: usize) -> Self {
-        let (home, back) = mpsc::sync_channel(most);
-        Pool {
-            home,
-            back,
-            made: 0,
-            most,
-        }
-    }
-
-    /// A buffer: one given back, a new one, or else the next the writer
-    /// gives back (it gives back every one, written or not; and the pool
-    /// holds its own sender, so the wait cannot end in a disconnect).
-    fn take(&mut self) -> Lent {
-        let buf = match self.back.try_recv() {
-            Ok(buf) => buf,
-            Err(_) if self.made < self.most => {
-                self.made += 1;
-                vec![0; BATCH]
-            }
-            Err(_) => self.back.recv().unwrap_or_else(|_| vec![0; BATCH]),
-        };
-        Lent {
-            buf,
-            home: self.home.clone(),
-        }
-    }
-}
-
-/// Verified bytes on their way to the file: `buf[range]`, at offset `at`.
-struct Chunk {
-    at: u64,
-    buf: Lent,
-    range: Range<usize>,
-}
-
-/// The writer thread of a download to a file: writes each chunk at its
-/// offset, and only then notes it in the record of verified ranges and
-/// reports it (which makes the checkpoints: the record names no byte
-/// that is not written, and a checkpoint flushes the data before
-/// recording). After a failure (a full disk) it tells the board, so that
-/// every source stops, and writes nothing more, but still takes every
-/// chunk until the sources are gone, so that each buffer goes back and no
-/// source waits for one in vain.
-fn write_out(
-    out: &dyn WriteAt,
-    chunks: mpsc::Receiver<Chunk>,
-    board: &Board<'_>,
-    partial: Option<&Partial>,
-    events: &mpsc::Sender<Event>,
-) {
-    let mut report = Report::new(events);
-    let mut failed = false;
-    for chunk in chunks {
-        if failed {
-            continue;
-        }
-        let data = &chunk.buf.buf[chunk.range.clone()];
-        let end = chunk.at + data.len() as u64;
-        match out.write_all_at(data, chunk.at) {
-            Ok(()) => {
-                if let Some(partial) = partial {
-                    partial.verified(chunk.at, end);
-                }
-                report.add(data.len() as u64);
-            }
-            Err(e) => {
-                board.fail(e);
-                failed = true;
-            }
-        }
-    }
-    report.flush();
 }
 
 impl State<'_> {
@@ -1032,6 +905,11 @@ struct Job<'a, 's> {
     timeout: Duration,
     limits: Limits,
     board: &'a Board<'s>,
+    /// The file verified bytes are written to, at their offsets; `None`
+    /// for stdout (the board writes in order).
+    file: Option<&'a dyn WriteAt>,
+    /// Where bytes written to the file are noted as verified.
+    partial: Option<&'a Partial>,
 }
 
 /// A source's progress, passed on at most every REPORT (the first bytes
@@ -1067,13 +945,6 @@ impl<'e> Report<'e> {
     }
 }
 
-/// Where a source's verified batches go after the board: its buffers, and
-/// the writer's queue when writing to a file.
-struct Outlet {
-    pool: Pool,
-    writer: Option<mpsc::SyncSender<Chunk>>,
-}
-
 /// How a source ended.
 struct Outcome {
     /// Verified bytes it delivered.
@@ -1096,23 +967,13 @@ enum Attempt {
 
 impl Job<'_, '_> {
     /// One source: takes pieces until none is left or the source fails.
-    /// With a writer (a file), verified batches go to it; in order
-    /// (stdout) they are written as they are delivered.
-    fn run(
-        &self,
-        peer: PeerAddr,
-        events: &mpsc::Sender<Event>,
-        writer: Option<mpsc::SyncSender<Chunk>>,
-    ) -> Outcome {
+    fn run(&self, peer: PeerAddr, events: &mpsc::Sender<Event>) -> Outcome {
         let mut outcome = Outcome {
             delivered: 0,
             dropped: None,
         };
         let mut report = Report::new(events);
-        let mut out = Outlet {
-            pool: Pool::new(if writer.is_some() { BUFFERS } else { 1 }),
-            writer,
-        };
+        let mut buf = vec![0; BATCH];
         let (mut pause, mut busy_since) = (Duration::from_millis(50), None);
         // Bounded: every round either finishes a piece, waits at most 100
         // ms, or ends the source; a stuck fetch ends by the timeouts.
@@ -1129,7 +990,7 @@ impl Job<'_, '_> {
                 peer,
                 index,
                 from,
-                &mut out,
+                &mut buf,
                 &mut report,
                 &mut outcome.delivered,
             );
@@ -1170,7 +1031,7 @@ impl Job<'_, '_> {
         peer: PeerAddr,
         index: usize,
         from: u64,
-        out: &mut Outlet,
+        buf: &mut [u8],
         report: &mut Report<'_>,
         delivered: &mut u64,
     ) -> Attempt {
@@ -1256,16 +1117,13 @@ impl Job<'_, '_> {
             }
             let (batch, after) = rest.split_at(take);
             rest = after;
-            // To a file, the buffer of the last batch may still be being
-            // written: this one is another (or waits for one).
-            let mut buf = out.pool.take();
             let at = batch[0].offset;
             // Each group is checked as soon as it is whole; `good` bytes
             // of the batch (`checked` groups) have checked out.
             let (mut filled, mut good, mut checked) = (0, 0, 0);
             let mut failure = None;
             while filled < len && failure.is_none() {
-                let n = match reader.read(&mut buf.buf[filled..len]) {
+                let n = match reader.read(&mut buf[filled..len]) {
                     Ok(0) => {
                         let eof = io::ErrorKind::UnexpectedEof.into();
                         failure = Some(broke(at + filled as u64, eof));
@@ -1281,7 +1139,7 @@ impl Job<'_, '_> {
                 filled += n;
                 while checked < batch.len() && good + batch[checked].len <= filled {
                     let group = &batch[checked];
-                    if !group.verify(&buf.buf[good..good + group.len]) {
+                    if !group.verify(&buf[good..good + group.len]) {
                         failure = Some(format!(
                             "sent bytes {}-{} that fail verification; dropped",
                             group.offset,
@@ -1313,24 +1171,19 @@ impl Job<'_, '_> {
             // What checked out is kept, even from a source that then fails.
             if good > 0 {
                 let before = *delivered;
-                let (result, fresh) = self.board.deliver(index, at, &buf.buf[..good], delivered);
-                match (&out.writer, fresh) {
-                    (Some(writer), Some(Fresh { at, skip })) => {
-                        // The next batch is read while this one is written;
-                        // progress is the writer's to report.
-                        let chunk = Chunk {
-                            at,
-                            range: skip..good,
-                            buf,
-                        };
-                        if writer.send(chunk).is_err() {
-                            self.board
-                                .fail(io::Error::other("the thread writing the file failed"));
-                            return Attempt::Stop;
-                        }
+                let (result, fresh) = self.board.deliver(index, at, &buf[..good], delivered);
+                if let (Some(file), Some(Fresh { at, skip })) = (self.file, fresh) {
+                    let data = &buf[skip..good];
+                    if let Err(e) = file.write_all_at(data, at) {
+                        self.board.fail(e);
+                        return Attempt::Stop;
                     }
-                    _ => report.add(*delivered - before),
+                    // Written, so a checkpoint's flush covers it.
+                    if let Some(partial) = self.partial {
+                        partial.verified(at, at + data.len() as u64);
+                    }
                 }
+                report.add(*delivered - before);
                 match result {
                     Delivered::More => {}
                     Delivered::PieceDone if failure.is_none() => return Attempt::Done,
@@ -1953,79 +1806,5 @@ mod tests {
             sink.commit().unwrap();
             assert!(std::fs::read(&dest).unwrap() == *content);
         }
-    }
-
-    /// Holds the first write until `gate` opens (5 s at most); notes
-    /// whether it opened in time.
-    struct Gated {
-        out: File,
-        gate: Arc<(Mutex<bool>, Condvar)>,
-        in_time: Arc<Mutex<Option<bool>>>,
-    }
-
-    impl WriteAt for Gated {
-        fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
-            let mut in_time = self.in_time.lock().unwrap();
-            if in_time.is_none() {
-                let (open, opened) = &*self.gate;
-                let (open, _) = opened
-                    .wait_timeout_while(open.lock().unwrap(), Duration::from_secs(5), |o| !*o)
-                    .unwrap();
-                *in_time = Some(*open);
-            }
-            std::os::unix::fs::FileExt::write_all_at(&self.out, buf, at)
-        }
-    }
-
-    struct GatedFile {
-        file: tempfile::NamedTempFile,
-        gate: Arc<(Mutex<bool>, Condvar)>,
-        in_time: Arc<Mutex<Option<bool>>>,
-    }
-
-    impl Sink for GatedFile {
-        fn write_all(&mut self, _: &[u8]) -> io::Result<()> {
-            Err(io::Error::other("written in order"))
-        }
-        fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
-            Some(Box::new(Gated {
-                out: self.file.reopen().unwrap(),
-                gate: Arc::clone(&self.gate),
-                in_time: Arc::clone(&self.in_time),
-            }))
-        }
-    }
-
-    /// To a file, a source receives and verifies its next batch while the
-    /// last one is being written: a bad group in the second batch is
-    /// found while the write of the first is still held up.
-    #[test]
-    fn the_next_batch_is_verified_while_the_last_is_written() {
-        let content = content(4 * BATCH);
-        let (liar, _) = fake_peer(flipping(Arc::clone(&content), BATCH as u64 + 100));
-        let mut sink = GatedFile {
-            file: tempfile::NamedTempFile::new().unwrap(),
-            gate: Arc::new((Mutex::new(false), Condvar::new())),
-            in_time: Arc::new(Mutex::new(None)),
-        };
-        let gate = Arc::clone(&sink.gate);
-        let mut notes = Vec::new();
-        let result = fetch_into(&mut sink, &[liar], 1, Limits::default(), &mut |line| {
-            if line.contains("fail verification") {
-                *gate.0.lock().unwrap() = true;
-                gate.1.notify_all();
-            }
-            notes.push(line.to_string());
-        });
-        assert!(result.is_err());
-        assert_eq!(
-            *sink.in_time.lock().unwrap(),
-            Some(true),
-            "the second batch was not verified while the first was written: {notes:?}"
-        );
-        // The first batch, and the good groups of the second, are written.
-        let good = BATCH + 100 / proof::GROUP as usize * proof::GROUP as usize;
-        let data = std::fs::read(sink.file.path()).unwrap();
-        assert!(data[..good] == content[..good]);
     }
 }
