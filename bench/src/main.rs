@@ -82,6 +82,10 @@ struct Args {
     /// the same run, with unsigned requests
     #[arg(long)]
     relay_before_signing: Option<PathBuf>,
+    /// Another peer-client (an earlier build): its `get -o` is then also
+    /// timed in the transfer figures, alternating with ours in the same run
+    #[arg(long)]
+    client_before: Option<PathBuf>,
     /// Where the test files go (a temporary folder inside it, removed after)
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -109,6 +113,7 @@ pub struct Setup {
     relay: Server,
     peer: Server,
     relay_before_signing: Option<PathBuf>,
+    client_before: Option<PathBuf>,
 }
 
 impl Setup {
@@ -207,6 +212,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         relay,
         peer,
         relay_before_signing: args.relay_before_signing.clone(),
+        client_before: args.client_before.clone(),
     };
     wait_registered(&setup)?;
 
