@@ -920,15 +920,7 @@ struct Report<'e> {
     sent: Option<Instant>,
 }
 
-impl<'e> Report<'e> {
-    fn new(events: &'e mpsc::Sender<Event>) -> Self {
-        Report {
-            events,
-            pending: 0,
-            sent: None,
-        }
-    }
-
+impl Report<'_> {
     fn add(&mut self, bytes: u64) {
         self.pending += bytes;
         if self.sent.is_none_or(|at| at.elapsed() >= REPORT) {
@@ -972,8 +964,11 @@ impl Job<'_, '_> {
             delivered: 0,
             dropped: None,
         };
-        let mut report = Report::new(events);
-        let mut buf = vec![0; BATCH];
+        let mut report = Report {
+            events,
+            pending: 0,
+            sent: None,
+        };
         let (mut pause, mut busy_since) = (Duration::from_millis(50), None);
         // Bounded: every round either finishes a piece, waits at most 100
         // ms, or ends the source; a stuck fetch ends by the timeouts.
@@ -986,14 +981,7 @@ impl Job<'_, '_> {
                 }
                 Claim::Piece { index, from } => (index, from),
             };
-            let attempt = self.fetch_piece(
-                peer,
-                index,
-                from,
-                &mut buf,
-                &mut report,
-                &mut outcome.delivered,
-            );
+            let attempt = self.fetch_piece(peer, index, from, &mut report, &mut outcome.delivered);
             report.flush();
             self.board.leave(index);
             match attempt {
@@ -1031,7 +1019,6 @@ impl Job<'_, '_> {
         peer: PeerAddr,
         index: usize,
         from: u64,
-        buf: &mut [u8],
         report: &mut Report<'_>,
         delivered: &mut u64,
     ) -> Attempt {
@@ -1104,6 +1091,7 @@ impl Job<'_, '_> {
             Err(e) => return Attempt::Drop(format!("sent a proof that does not check out: {e}")),
         };
         drop(proof_bytes);
+        let mut buf = vec![0; BATCH];
         // Bytes received since `window` began, for the low-speed limit.
         let (mut window, mut in_window) = (Instant::now(), 0u64);
         let mut rest = &groups[..];
@@ -1688,7 +1676,7 @@ mod tests {
     /// Takes writes until `room` bytes are used, then fails as a full disk
     /// does; notes what it took.
     struct Filling {
-        out: Mutex<Box<dyn WriteAt>>,
+        out: Box<dyn WriteAt>,
         room: u64,
         taken: Mutex<Vec<(u64, u64)>>,
     }
@@ -1700,7 +1688,7 @@ mod tests {
             if used + buf.len() as u64 > self.room {
                 return Err(io::Error::from_raw_os_error(28));
             }
-            self.out.lock().unwrap().write_all_at(buf, at)?;
+            self.out.write_all_at(buf, at)?;
             taken.push((at, at + buf.len() as u64));
             Ok(())
         }
@@ -1720,7 +1708,7 @@ mod tests {
         }
         fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
             let filling = Arc::new(Filling {
-                out: Mutex::new(self.inner.positional()?),
+                out: self.inner.positional()?,
                 room: self.room,
                 taken: Mutex::new(Vec::new()),
             });
@@ -1745,10 +1733,11 @@ mod tests {
         out
     }
 
-    /// A disk that fills up during a download (the writer thread's write
-    /// fails): the fetch stops with the local error (exit code 4), and the
-    /// record of the partial file names exactly the bytes written, which
-    /// a later run keeps and finishes from.
+    /// A disk that fills up during a download (a source's write fails,
+    /// with one source and with two writing at once): the fetch stops with
+    /// the local error (exit code 4), and the record of the partial file
+    /// names exactly the bytes written, which a later run keeps and
+    /// finishes from.
     #[test]
     fn a_disk_that_fills_up_stops_the_fetch_and_keeps_only_what_was_written() {
         let content = content(2 * SHARED_PIECE as usize + 100_000);
