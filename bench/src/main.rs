@@ -87,6 +87,10 @@ struct Args {
     /// the same run, with unsigned requests
     #[arg(long)]
     relay_before_signing: Option<PathBuf>,
+    /// Another peer-client (an earlier build): its `get -o` is then also
+    /// timed in the transfer figures, alternating with ours in the same run
+    #[arg(long)]
+    client_before: Option<PathBuf>,
     /// Where the test files go (a temporary folder inside it, removed after)
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -115,6 +119,7 @@ pub struct Setup {
     relay: Server,
     peer: Server,
     relay_before_signing: Option<PathBuf>,
+    client_before: Option<PathBuf>,
 }
 
 impl Setup {
@@ -213,6 +218,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         relay,
         peer,
         relay_before_signing: args.relay_before_signing.clone(),
+        client_before: args.client_before.clone(),
     };
     wait_registered(&setup)?;
 

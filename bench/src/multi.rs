@@ -198,9 +198,13 @@ fn start_peers(
     let dir = setup.served.to_str().context("work path is not UTF-8")?;
     let mut peers = Vec::new();
     for i in 0..n {
+        // A key of its own: by default the peers of one folder share one,
+        // and the relay takes all but one of them for replays of it.
+        let key = setup.work.join(format!("peer-{name}-{i}.key"));
+        let key = key.to_str().context("work path is not UTF-8")?;
         let mut args = vec!["127.0.0.1", &port, "--dir", dir, "--bind", "127.0.0.1"];
         // A short heartbeat: a file hashed at start is announced with it.
-        args.extend_from_slice(&["--heartbeat", "1"]);
+        args.extend_from_slice(&["--heartbeat", "1", "--key", key]);
         args.extend_from_slice(extra);
         let log = setup.work.join(format!("peer-{name}-{i}.log"));
         peers.push(Server::start(&setup.bin("peer-node"), &args, log)?);

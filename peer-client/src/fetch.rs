@@ -14,6 +14,10 @@
 //! piece goes back to the others, from the last verified byte. When no
 //! piece is left to take, an idle source joins a piece still being fetched
 //! (endgame): whichever delivers a group first wins it.
+//!
+//! To a file, each source writes what it verified itself, at its offset,
+//! outside the board's lock (several sources write at once), and only
+//! then notes it in the record of verified ranges.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -66,13 +70,25 @@ pub trait Sink: Send {
     /// A handle to write at any offset, where the output is a file that
     /// can take pieces out of order; `None` where content must come in
     /// order (stdout, a FIFO).
-    fn positional(&mut self) -> Option<File> {
+    fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
         None
     }
     /// Where a download is kept for a later run to continue, where it can
     /// be (a file; not stdout or a FIFO).
     fn partial(&self) -> Option<Arc<Partial>> {
         None
+    }
+}
+
+/// Output that takes bytes at any offset: the partial file. Shared by the
+/// sources, which write at once.
+pub trait WriteAt: Send + Sync {
+    fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()>;
+}
+
+impl WriteAt for File {
+    fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, buf, at)
     }
 }
 
@@ -406,21 +422,15 @@ impl Fetcher<'_> {
         } else {
             SHARED_PIECE
         };
-        let board = Board::new(
-            version.size,
-            piece,
-            &have,
-            ordered.then_some(WINDOW),
-            sink,
-            positional,
-            partial.clone(),
-        );
+        let board = Board::new(version.size, piece, &have, ordered.then_some(WINDOW), sink);
         let job = Job {
             name,
             version,
             timeout: self.timeout,
             limits: self.limits,
             board: &board,
+            file: positional.as_deref(),
+            partial: partial.as_deref(),
         };
         self.progress.start(version.size, resumed);
         let (events, inbox) = mpsc::channel();
@@ -648,11 +658,8 @@ struct State<'s> {
     /// In order: how far past `out` pieces may be taken.
     window: Option<u64>,
     sink: &'s mut dyn Sink,
-    positional: Option<File>,
     /// Writing failed: every source stops.
     output: Option<io::Error>,
-    /// Where verified bytes written to the file are noted, for a later run.
-    partial: Option<Arc<Partial>>,
     /// Sources waiting for a change: only then is anyone woken (a wake is
     /// a system call, and most deliveries concern nobody waiting).
     waiting: usize,
@@ -691,8 +698,6 @@ impl<'s> Board<'s> {
         have: &[(u64, u64)],
         window: Option<u64>,
         sink: &'s mut dyn Sink,
-        positional: Option<File>,
-        partial: Option<Arc<Partial>>,
     ) -> Self {
         let mut pieces = Vec::new();
         if size == 0 {
@@ -734,9 +739,7 @@ impl<'s> Board<'s> {
                 pending: BTreeMap::new(),
                 window,
                 sink,
-                positional,
                 output: None,
-                partial,
                 waiting: 0,
             }),
             changed: Condvar::new(),
@@ -813,47 +816,68 @@ impl<'s> Board<'s> {
     }
 
     /// Hands on verified bytes of piece `index` starting at `offset`.
-    /// Bytes another source delivered already are skipped.
-    fn deliver(&self, index: usize, offset: u64, data: &[u8], delivered: &mut u64) -> Delivered {
+    /// Bytes another source delivered already are skipped. In order
+    /// (stdout) the rest is written here; for a file it is the caller's to
+    /// write (`Fresh`), outside this lock.
+    fn deliver(
+        &self,
+        index: usize,
+        offset: u64,
+        data: &[u8],
+        delivered: &mut u64,
+    ) -> (Delivered, Option<Fresh>) {
         let mut state = self.lock();
         if state.output.is_some() {
-            return Delivered::Stop;
+            return (Delivered::Stop, None);
         }
         let piece = state.pieces[index];
         let end = offset + data.len() as u64;
         // Sources deliver in order from where the piece stood when they
         // took it, so `offset <= piece.got`; anything else is not used.
         if end <= piece.got || offset > piece.got {
-            return if piece.got >= piece.end {
+            let next = if piece.got >= piece.end {
                 Delivered::PieceDone
             } else {
                 Delivered::More
             };
+            return (next, None);
         }
-        let data = &data[(piece.got - offset) as usize..];
+        let skip = (piece.got - offset) as usize;
         let at = piece.got;
-        let written = match &state.positional {
-            Some(file) => std::os::unix::fs::FileExt::write_all_at(file, data, at),
-            None => state.in_order(at, data),
+        let fresh = if state.window.is_some() {
+            if let Err(e) = state.in_order(at, &data[skip..]) {
+                state.output = Some(e);
+                self.changed(state);
+                return (Delivered::Stop, None);
+            }
+            None
+        } else {
+            Some(Fresh { at, skip })
         };
-        if let Err(e) = written {
-            state.output = Some(e);
-            self.changed(state);
-            return Delivered::Stop;
-        }
-        if let Some(partial) = &state.partial {
-            partial.verified(at, at + data.len() as u64);
-        }
-        state.pieces[index].got += data.len() as u64;
-        *delivered += data.len() as u64;
-        let done = state.pieces[index].got >= piece.end;
+        state.pieces[index].got = end;
+        *delivered += end - at;
         self.changed(state);
-        if done {
+        let next = if end >= piece.end {
             Delivered::PieceDone
         } else {
             Delivered::More
-        }
+        };
+        (next, fresh)
     }
+
+    /// Writing failed: every source stops at its next delivery or claim.
+    fn fail(&self, e: io::Error) {
+        let mut state = self.lock();
+        state.output.get_or_insert(e);
+        self.changed(state);
+    }
+}
+
+/// Bytes a source delivered first, for it to write: `data[skip..]` of
+/// what it handed to the board, at offset `at` of the file.
+struct Fresh {
+    at: u64,
+    skip: usize,
 }
 
 impl State<'_> {
@@ -881,6 +905,11 @@ struct Job<'a, 's> {
     timeout: Duration,
     limits: Limits,
     board: &'a Board<'s>,
+    /// The file verified bytes are written to, at their offsets; `None`
+    /// for stdout (the board writes in order).
+    file: Option<&'a dyn WriteAt>,
+    /// Where bytes written to the file are noted as verified.
+    partial: Option<&'a Partial>,
 }
 
 /// A source's progress, passed on at most every REPORT (the first bytes
@@ -1130,7 +1159,18 @@ impl Job<'_, '_> {
             // What checked out is kept, even from a source that then fails.
             if good > 0 {
                 let before = *delivered;
-                let result = self.board.deliver(index, at, &buf[..good], delivered);
+                let (result, fresh) = self.board.deliver(index, at, &buf[..good], delivered);
+                if let (Some(file), Some(Fresh { at, skip })) = (self.file, fresh) {
+                    let data = &buf[skip..good];
+                    if let Err(e) = file.write_all_at(data, at) {
+                        self.board.fail(e);
+                        return Attempt::Stop;
+                    }
+                    // Written, so a checkpoint's flush covers it.
+                    if let Some(partial) = self.partial {
+                        partial.verified(at, at + data.len() as u64);
+                    }
+                }
                 report.add(*delivered - before);
                 match result {
                     Delivered::More => {}
@@ -1244,8 +1284,10 @@ mod tests {
         fn room(&self) -> Option<u64> {
             self.room
         }
-        fn positional(&mut self) -> Option<File> {
-            self.file.as_ref().map(|f| f.reopen().unwrap())
+        fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
+            self.file
+                .as_ref()
+                .map(|f| Box::new(f.reopen().unwrap()) as Box<dyn WriteAt>)
         }
     }
 
@@ -1255,6 +1297,30 @@ mod tests {
         notes: Vec<String>,
     }
 
+    /// Fetches "f.bin" from `peers` into `sink`, `sources` at a time.
+    fn fetch_into(
+        sink: &mut dyn Sink,
+        peers: &[PeerAddr],
+        sources: usize,
+        limits: Limits,
+        note: &mut dyn FnMut(&str),
+    ) -> Result<Fetched, FetchError> {
+        Fetcher {
+            timeout: Duration::from_secs(2),
+            limits,
+            expect: None,
+            keys: HashMap::new(),
+            note,
+            progress: &mut (),
+        }
+        .fetch_with(
+            peers,
+            &FileName::new("f.bin").unwrap(),
+            sink,
+            Options { sources },
+        )
+    }
+
     fn run(peers: &[PeerAddr], sources: usize, positional: bool, limits: Limits) -> Run {
         let mut notes = Vec::new();
         let mut sink = Memory {
@@ -1262,20 +1328,9 @@ mod tests {
             room: None,
             file: positional.then(|| tempfile::NamedTempFile::new().unwrap()),
         };
-        let result = Fetcher {
-            timeout: Duration::from_secs(2),
-            limits,
-            expect: None,
-            keys: HashMap::new(),
-            note: &mut |line| notes.push(line.to_string()),
-            progress: &mut (),
-        }
-        .fetch_with(
-            peers,
-            &FileName::new("f.bin").unwrap(),
-            &mut sink,
-            Options { sources },
-        );
+        let result = fetch_into(&mut sink, peers, sources, limits, &mut |line| {
+            notes.push(line.to_string())
+        });
         let data = match &sink.file {
             Some(file) => std::fs::read(file.path()).unwrap(),
             None => sink.data,
@@ -1616,5 +1671,129 @@ mod tests {
         assert!(matches!(err, FetchError::TooBig { .. }), "{err}");
         assert!(err.to_string().contains("over --max-size 4999"), "{err}");
         assert!(asked.try_iter().all(|l| l.contains("HEAD")));
+    }
+
+    /// Takes writes until `room` bytes are used, then fails as a full disk
+    /// does; notes what it took.
+    struct Filling {
+        out: Box<dyn WriteAt>,
+        room: u64,
+        taken: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl WriteAt for Arc<Filling> {
+        fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
+            let mut taken = self.taken.lock().unwrap();
+            let used: u64 = taken.iter().map(|(start, end)| end - start).sum();
+            if used + buf.len() as u64 > self.room {
+                return Err(io::Error::from_raw_os_error(28));
+            }
+            self.out.write_all_at(buf, at)?;
+            taken.push((at, at + buf.len() as u64));
+            Ok(())
+        }
+    }
+
+    /// A real download to a file (`FileSink`: the `.part` and its record)
+    /// whose writes go through `filling`, once it is set.
+    struct FullDisk {
+        inner: crate::save::FileSink,
+        room: u64,
+        filling: Option<Arc<Filling>>,
+    }
+
+    impl Sink for FullDisk {
+        fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+            self.inner.write_all(buf)
+        }
+        fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
+            let filling = Arc::new(Filling {
+                out: self.inner.positional()?,
+                room: self.room,
+                taken: Mutex::new(Vec::new()),
+            });
+            self.filling = Some(Arc::clone(&filling));
+            Some(Box::new(filling))
+        }
+        fn partial(&self) -> Option<Arc<Partial>> {
+            self.inner.partial()
+        }
+    }
+
+    /// Sorted, touching ranges merged: as a record holds them.
+    fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+        ranges.sort();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in ranges {
+            match out.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ => out.push((start, end)),
+            }
+        }
+        out
+    }
+
+    /// A disk that fills up during a download (a source's write fails,
+    /// with one source and with two writing at once): the fetch stops with
+    /// the local error (exit code 4), and the record of the partial file
+    /// names exactly the bytes written, which a later run keeps and
+    /// finishes from.
+    #[test]
+    fn a_disk_that_fills_up_stops_the_fetch_and_keeps_only_what_was_written() {
+        let content = content(2 * SHARED_PIECE as usize + 100_000);
+        let hash = blake3::hash(&content);
+        let name = FileName::new("f.bin").unwrap();
+        for sources in [1, 2] {
+            let peers: Vec<PeerAddr> = (0..sources)
+                .map(|_| fake_peer(honest(Arc::clone(&content))).0)
+                .collect();
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("f.bin");
+            let mut sink = FullDisk {
+                inner: crate::save::FileSink::create(&dest, &name).unwrap(),
+                room: 3 * BATCH as u64,
+                filling: None,
+            };
+            let err =
+                fetch_into(&mut sink, &peers, sources, Limits::default(), &mut |_| {}).unwrap_err();
+            assert!(
+                matches!(&err, FetchError::Output { source, .. } if source.raw_os_error() == Some(28)),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "cannot write \"f.bin\": {}",
+                    io::Error::from_raw_os_error(28)
+                )
+            );
+            assert_eq!(crate::failure::Failure::from(err).exit_code(), 4);
+            let written = merged(sink.filling.take().unwrap().taken.lock().unwrap().clone());
+            assert_eq!(
+                written.iter().map(|(s, e)| e - s).sum::<u64>(),
+                3 * BATCH as u64,
+                "{sources} source(s)"
+            );
+            if sources == 1 {
+                assert_eq!(written, [(0, 3 * BATCH as u64)]);
+            }
+            // What the client does on a failure; then the next run.
+            let part = sink.inner.set_aside().expect("the partial file is kept");
+            let bytes = std::fs::read(&part).unwrap();
+            for &(start, end) in &written {
+                let (start, end) = (start as usize, end as usize);
+                assert!(bytes[start..end] == content[start..end]);
+            }
+            let partial = Partial::open(&dest).unwrap();
+            let (kept, _) = partial.start(content.len() as u64, hash).unwrap();
+            assert_eq!(kept, written, "the record names what was written");
+            drop(partial);
+            let mut sink = crate::save::FileSink::create(&dest, &name).unwrap();
+            let fetched =
+                fetch_into(&mut sink, &peers, sources, Limits::default(), &mut |_| {}).unwrap();
+            assert_eq!(fetched.resumed, 3 * BATCH as u64);
+            sink.commit().unwrap();
+            assert!(std::fs::read(&dest).unwrap() == *content);
+        }
     }
 }

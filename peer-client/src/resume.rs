@@ -236,8 +236,15 @@ impl Partial {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        self.file.set_len(0)?;
-        self.file.set_len(size)?;
+        // Only a file with bytes in it is cut to nothing first: on ext4 a
+        // cut to length 0 marks the open file, and its last close then
+        // pushes every dirty page of the download to the disk before the
+        // client can exit (auto_da_alloc; 0.3 s for 1 GiB here, on the
+        // client's exit path). A fresh `.part` is empty already.
+        if had_bytes {
+            self.file.set_len(0)?;
+        }
+        allocate(&self.file, size)?;
         *record = Some(Record::new(size, hash));
         let resumed = if why.is_empty() {
             Resumed::Fresh
@@ -297,6 +304,23 @@ impl Partial {
         self.remove_record();
         let _ = std::fs::remove_file(&self.part);
     }
+}
+
+/// Makes `file` `size` bytes long, its blocks allocated where the file
+/// system can (fallocate): writing into allocated blocks skips ext4's
+/// reservation of delayed allocation page by page (for 1 GiB here, `dd`
+/// into an allocated file takes 0.20 s of system time, into a sparse one
+/// 0.27 s), and a disk too full for the file says so now rather than
+/// half way. Elsewhere a sparse file of that length.
+fn allocate(file: &File, size: u64) -> io::Result<()> {
+    if size > 0 {
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    file.set_len(size)
 }
 
 fn read_record(path: &Path) -> io::Result<Record> {
@@ -364,6 +388,30 @@ mod tests {
         ] {
             assert!(Record::parse(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// A fresh download's file gets its blocks at once (where the file
+    /// system allocates ahead at all), and reads as zeros until written.
+    #[test]
+    fn a_fresh_partial_file_is_allocated_whole() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let probe = File::create(dir.path().join("probe")).unwrap();
+        let flags = rustix::fs::FallocateFlags::empty();
+        if rustix::fs::fallocate(&probe, flags, 0, 4096).is_err() {
+            eprintln!("this file system does not allocate ahead; nothing to check");
+            return;
+        }
+        let size = 10 * GROUP + 5;
+        let partial = Partial::open(&dir.path().join("f")).unwrap();
+        partial.start(size, hash()).unwrap();
+        let meta = partial.file().metadata().unwrap();
+        assert_eq!(meta.len(), size);
+        assert!(meta.blocks() * 512 >= size, "{} blocks", meta.blocks());
+        assert!(std::fs::read(partial.path())
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
     }
 
     /// `Partial::open`, again while another test's child process, forked

@@ -19,7 +19,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::{fetch::Sink, resume::Partial};
+use crate::{
+    fetch::{Sink, WriteAt},
+    resume::Partial,
+};
 
 /// Why content cannot be saved where the user asked.
 #[derive(Debug, thiserror::Error)]
@@ -322,9 +325,13 @@ impl Sink for FileSink {
 
     /// The partial file takes pieces at their offsets; a device or FIFO
     /// only in order.
-    fn positional(&mut self) -> Option<File> {
+    fn positional(&mut self) -> Option<Box<dyn WriteAt>> {
         match &self.out {
-            Some(Out::Part(partial)) => partial.file().try_clone().ok(),
+            Some(Out::Part(partial)) => partial
+                .file()
+                .try_clone()
+                .ok()
+                .map(|file| Box::new(file) as Box<dyn WriteAt>),
             _ => None,
         }
     }
