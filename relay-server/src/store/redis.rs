@@ -1,9 +1,10 @@
 //! The store on Redis, which several relays share: a peer registered
 //! through one is found through any, and a relay that stops loses nothing.
 //!
-//! Every operation is one round trip: a Lua script (redis.lua's helpers
-//! followed by the operation's body) that reads and changes several keys
-//! atomically, so relays never see each other's half-done changes. Times
+//! Every change is one Lua script (redis.lua's helpers followed by the
+//! operation's body) that reads and changes several keys atomically, so
+//! relays never see each other's half-done changes; a lookup is one script
+//! or one pipeline (an LS page reads a thousand names at a time). Times
 //! are the Redis server's (`TIME`), so relays need not agree on the clock
 //! for expiry. The layout of the keys is at the top of redis.lua. One Redis
 //! server, not a cluster: scripts name keys of their own making.
@@ -391,7 +392,8 @@ impl RedisStore {
         max_holdings: usize,
         retention: Duration,
     ) -> Result<Self, super::RedisUrlError> {
-        check_url(target.url())?;
+        // `RedisTarget::parse` checked the URL already; this cannot fail
+        // unless the crate changes its mind.
         let client = redis::Client::open(target.url()).map_err(|e| RedisUrlError {
             url: target.display(),
             reason: e.to_string(),
@@ -850,23 +852,19 @@ impl Store for RedisStore {
                     .arg(LIST_BATCH)
                     .query(con)
             })?;
-            let matching: Vec<&str> = names
-                .iter()
-                .map(String::as_str)
-                .filter(|n| pattern.is_match(n))
-                .collect();
-            let mut versions = if matching.is_empty() {
-                Vec::new()
-            } else {
+            let matches: Vec<bool> = names.iter().map(|n| pattern.is_match(n)).collect();
+            let mut versions = if matches.contains(&true) {
                 let mut call = self.scripts.versions.prepare_invoke();
-                for name in &matching {
-                    call.arg(*name);
+                for (name, _) in names.iter().zip(&matches).filter(|(_, m)| **m) {
+                    call.arg(name.as_str());
                 }
                 self.run(|con| call.invoke::<Vec<String>>(con))?
+            } else {
+                Vec::new()
             }
             .into_iter();
-            for name in &names {
-                let listed = if pattern.is_match(name.as_str()) {
+            for (name, &matched) in names.iter().zip(&matches) {
+                let listed = if matched {
                     listed_versions(name, &mut versions)
                 } else {
                     Vec::new()
