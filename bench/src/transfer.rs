@@ -124,6 +124,21 @@ pub fn run(setup: &Setup, runs: usize) -> anyhow::Result<Vec<Row>> {
         let (wall, _, _) = socat_once(&big, Some(&cat_out), Some(RAW_BUFFER))?;
         socat_disk.push(wall.as_secs_f64());
         fs::remove_file(&cat_out).context("cannot remove socat's copy")?;
+        // Each run's times, so that the spread behind a median can be seen.
+        let last = |v: &[f64]| v.last().map_or(String::from("-"), |s| format!("{s:.3}"));
+        eprintln!(
+            "transfer: run {run}: stdout {} s (socat {} s), -o {} s (socat {} s{}), cat {} s",
+            last(&ours_out),
+            last(&socat_big),
+            last(&ours_disk),
+            last(&socat_disk),
+            if before_disk.is_empty() {
+                String::new()
+            } else {
+                format!(", before {} s", last(&before_disk))
+            },
+            last(&cat),
+        );
     }
     let peer_peak = procs::vm_kib(setup.peer.pid(), "VmHWM").context("peer is gone")?;
 
