@@ -86,21 +86,9 @@ pub trait WriteAt: Send + Sync {
     fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()>;
 }
 
-/// Most bytes in one write to the `.part`. On ext4 a write decides the
-/// size of the page-cache folios it fills; on this project's test VMs
-/// (Firecracker, whose balloon takes freed memory back) 512 KiB writes
-/// were filled at a tenth of the speed for minutes at a time, 64 KiB ones
-/// never: a 1 GiB `get -o` took 1.36 s against 0.43 s (medians of 10,
-/// same runs; BENCHMARKS.md, "Writes of 64 KiB").
-const WRITE_CHUNK: usize = 64 << 10;
-
 impl WriteAt for File {
-    fn write_all_at(&self, buf: &[u8], mut at: u64) -> io::Result<()> {
-        for part in buf.chunks(WRITE_CHUNK) {
-            std::os::unix::fs::FileExt::write_all_at(self, part, at)?;
-            at += part.len() as u64;
-        }
-        Ok(())
+    fn write_all_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, buf, at)
     }
 }
 
@@ -315,7 +303,7 @@ impl Fetcher<'_> {
             .map(|(peer, _)| *peer)
             .take(options.sources.clamp(1, MAX_SOURCES))
             .collect();
-        self.transfer(&connections(sources, options.sources), name, version, sink)
+        self.transfer(&sources, name, version, sink)
     }
 
     /// Asks every peer at once for the file's size and hash; peers that
@@ -509,14 +497,11 @@ impl Fetcher<'_> {
                 reason,
             });
         }
-        // A lone holder's two connections count as one source.
-        let mut from: Vec<(PeerAddr, u64)> = Vec::new();
-        for (peer, outcome) in outcomes.iter().filter(|(_, o)| o.delivered > 0) {
-            match from.iter_mut().find(|(p, _)| p == peer) {
-                Some((_, n)) => *n += outcome.delivered,
-                None => from.push((*peer, outcome.delivered)),
-            }
-        }
+        let from: Vec<(PeerAddr, u64)> = outcomes
+            .iter()
+            .filter(|(_, o)| o.delivered > 0)
+            .map(|(peer, o)| (*peer, o.delivered))
+            .collect();
         let peer = from
             .iter()
             .max_by_key(|(_, n)| *n)
@@ -560,19 +545,7 @@ impl Checkpoint<'_> {
     }
 }
 
-/// The sources of a fetch: one connection per holder, and two to a lone
-/// holder when `-j` allows. Receiving, verifying and writing a file take
-/// a core's worth of CPU at a few GB/s (a 1 GiB `get -o` over loopback:
-/// 0.4 s); over two connections they run on two cores (0.34 s against
-/// 0.45 s, medians of 6; BENCHMARKS.md, "A lone holder over two
-/// connections"). A holder dropped on one connection is dropped on both.
-fn connections(mut holders: Vec<PeerAddr>, most: usize) -> Vec<PeerAddr> {
-    if holders.len() == 1 && most >= 2 {
-        holders.push(holders[0]);
-    }
-    holders
-}
-
+/// Asks `peers` for the size and hash of `name`, all at once.
 /// Asks each of `peers` for the size and hash of `name`, at once. A peer
 /// whose key the relay named (in `keys`) must sign its answer with it over
 /// a fresh nonce: one that cannot is not the peer the relay meant.
@@ -673,10 +646,6 @@ struct Piece {
     got: u64,
     /// Sources at work on it.
     workers: u8,
-    /// The peer of the first source at work on it: an endgame helper
-    /// must be another peer (a lone holder's second connection would
-    /// only fetch the same bytes again from the same place).
-    by: Option<PeerAddr>,
 }
 
 /// The state every source shares.
@@ -694,9 +663,6 @@ struct State<'s> {
     /// Sources waiting for a change: only then is anyone woken (a wake is
     /// a system call, and most deliveries concern nobody waiting).
     waiting: usize,
-    /// Peers dropped by one of their connections: the other stops too.
-    /// At most one entry per source.
-    dropped: Vec<PeerAddr>,
 }
 
 struct Board<'s> {
@@ -740,7 +706,6 @@ impl<'s> Board<'s> {
                 end: 0,
                 got: 0,
                 workers: 0,
-                by: None,
             });
         }
         // The gaps between the ranges had: `have` is sorted and apart.
@@ -763,7 +728,6 @@ impl<'s> Board<'s> {
                     end,
                     got: start,
                     workers: 0,
-                    by: None,
                 });
                 start = end;
             }
@@ -777,7 +741,6 @@ impl<'s> Board<'s> {
                 sink,
                 output: None,
                 waiting: 0,
-                dropped: Vec::new(),
             }),
             changed: Condvar::new(),
         }
@@ -791,10 +754,9 @@ impl<'s> Board<'s> {
         self.state.into_inner().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The next piece for a source of `peer`: one nobody has (the first),
-    /// or else, in the endgame, one a single source of another peer is
-    /// still at.
-    fn claim(&self, peer: PeerAddr) -> Claim {
+    /// The next piece for a source: one nobody has (the first), or else,
+    /// in the endgame, one a single other source is still at.
+    fn claim(&self) -> Claim {
         let mut state = self.lock();
         if state.output.is_some() {
             return Claim::Finished;
@@ -806,7 +768,6 @@ impl<'s> Board<'s> {
         if let Some(index) = state.pieces.iter().position(|p| p.workers == 0 && open(p)) {
             let piece = &mut state.pieces[index];
             piece.workers += 1;
-            piece.by = Some(peer);
             return Claim::Piece {
                 index,
                 from: piece.got,
@@ -815,8 +776,7 @@ impl<'s> Board<'s> {
         if state.pieces.iter().all(|p| p.got >= p.end) {
             return Claim::Finished;
         }
-        let helps = |p: &Piece| p.workers == 1 && p.by != Some(peer) && open(p);
-        if let Some(index) = state.pieces.iter().position(helps) {
+        if let Some(index) = state.pieces.iter().position(|p| p.workers == 1 && open(p)) {
             let piece = &mut state.pieces[index];
             piece.workers += 1;
             return Claim::Piece {
@@ -845,19 +805,6 @@ impl<'s> Board<'s> {
         if waiting {
             self.changed.notify_all();
         }
-    }
-
-    /// Notes that `peer` was dropped, for its other connection.
-    fn drop_peer(&self, peer: PeerAddr) {
-        let mut state = self.lock();
-        if !state.dropped.contains(&peer) {
-            state.dropped.push(peer);
-        }
-    }
-
-    /// Whether a connection to `peer` dropped it.
-    fn is_dropped(&self, peer: PeerAddr) -> bool {
-        self.lock().dropped.contains(&peer)
     }
 
     /// A source leaves piece `index` (done, failed or given up).
@@ -1026,10 +973,7 @@ impl Job<'_, '_> {
         // Bounded: every round either finishes a piece, waits at most 100
         // ms, or ends the source; a stuck fetch ends by the timeouts.
         loop {
-            if self.board.is_dropped(peer) {
-                return outcome;
-            }
-            let (index, from) = match self.board.claim(peer) {
+            let (index, from) = match self.board.claim() {
                 Claim::Finished => return outcome,
                 Claim::Wait => {
                     self.board.wait();
@@ -1063,7 +1007,6 @@ impl Job<'_, '_> {
         events: &mpsc::Sender<Event>,
         why: String,
     ) -> Outcome {
-        self.board.drop_peer(peer);
         let _ = events.send(Event::Note(format!("peer {peer}: {why}")));
         outcome.dropped = Some(why);
         outcome
@@ -1252,7 +1195,7 @@ mod tests {
         net::{TcpListener, TcpStream},
         sync::{
             atomic::{AtomicUsize, Ordering},
-            Arc, Condvar, Mutex,
+            Arc,
         },
     };
 
@@ -1462,88 +1405,6 @@ mod tests {
             .collect();
         let fetched = get(&peers, 1).result.unwrap();
         assert_eq!(fetched.from.len(), 1);
-    }
-
-    /// Counts the RANGE requests in flight at once; each is answered
-    /// once another is in flight too, or after half a second.
-    fn pairing(
-        content: Arc<Vec<u8>>,
-        most: Arc<AtomicUsize>,
-    ) -> impl Fn(&str, &mut TcpStream) + Send + Sync {
-        let gate = Arc::new((Mutex::new(0usize), Condvar::new()));
-        move |line, stream| {
-            let range = line.contains("RANGE");
-            if range {
-                let (lock, arrived) = &*gate;
-                let mut in_flight = lock.lock().unwrap();
-                *in_flight += 1;
-                most.fetch_max(*in_flight, Ordering::SeqCst);
-                arrived.notify_all();
-                let wait = Duration::from_millis(500);
-                drop(
-                    arrived
-                        .wait_timeout_while(in_flight, wait, |n| *n < 2)
-                        .unwrap(),
-                );
-            }
-            let _ = stream.write_all(&reply(&content, line));
-            if range {
-                *gate.0.lock().unwrap() -= 1;
-            }
-        }
-    }
-
-    #[test]
-    fn a_lone_holder_is_asked_over_two_connections_at_once() {
-        let content = content(4 * SHARED_PIECE as usize);
-        let most = Arc::new(AtomicUsize::new(0));
-        let (peer, _) = fake_peer(pairing(Arc::clone(&content), Arc::clone(&most)));
-        for to_file in [true, false] {
-            most.store(0, Ordering::SeqCst);
-            let r = run(&[peer], 4, to_file, Limits::default());
-            let fetched = r.result.unwrap();
-            assert!(r.data == *content);
-            assert_eq!(most.load(Ordering::SeqCst), 2, "to a file: {to_file}");
-            // Its two connections are one source.
-            assert_eq!(fetched.from, [(peer, content.len() as u64)]);
-        }
-        // -j 1: one connection.
-        most.store(0, Ordering::SeqCst);
-        let r = run(&[peer], 1, true, Limits::default());
-        assert!(r.result.is_ok() && r.data == *content);
-        assert_eq!(most.load(Ordering::SeqCst), 1);
-    }
-
-    #[test]
-    fn a_lone_liar_is_not_asked_again_over_its_other_connection() {
-        let content = content(8 * SHARED_PIECE as usize);
-        // Lies in the first piece only: the connection that takes it
-        // drops the peer; the other one, at an honest piece, then stops.
-        let lies = flipping(Arc::clone(&content), 70_000);
-        let honest = honest(Arc::clone(&content));
-        let (liar, asked) = fake_peer(move |line, stream| {
-            if line.contains(" RANGE ") && line.split(' ').nth(4) == Some("0") {
-                lies(line, stream)
-            } else {
-                honest(line, stream)
-            }
-        });
-        let r = run(&[liar], 4, true, Limits::default());
-        let err = r.result.unwrap_err().to_string();
-        assert!(err.contains("fail verification"), "{err}");
-        let ranges = asked.try_iter().filter(|l| l.contains("RANGE")).count();
-        assert!(ranges <= 3, "a known liar was asked for {ranges} ranges");
-    }
-
-    #[test]
-    fn a_part_file_takes_a_batch_in_chunks_at_their_offsets() {
-        let file = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..3 * WRITE_CHUNK + 5).map(|i| (i % 253) as u8).collect();
-        WriteAt::write_all_at(&file, &data, 7).unwrap();
-        let mut back = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut back).unwrap();
-        assert_eq!(back.len(), data.len() + 7);
-        assert!(back[..7] == [0; 7] && back[7..] == data[..]);
     }
 
     #[test]
