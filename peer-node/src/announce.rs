@@ -512,24 +512,34 @@ impl Announcer {
     }
 }
 
-/// Makes the request of `attempt` again, once, with a new time, when the
-/// relay refused it as not newer than one it has accepted: relays that
-/// share one store hear this peer's requests to all of them, and two sent
-/// at once to two relays can reach the store in the other order, the
-/// later time first. That is no replay, and no reason to back off.
+/// How many times at most a request refused as not newer is made again.
+const STALE_AGAIN: usize = 3;
+
+/// Makes the request of `attempt` again, with a new time, when the relay
+/// refused it as not newer than one it has accepted: relays that share one
+/// store hear this peer's requests to all of them, and two sent at once to
+/// two relays can reach the store in the other order, the later time
+/// first. That is no replay, and no reason to back off. The announcers
+/// refused at once would send again at once and could cross again, so
+/// each waits a few random milliseconds first; at most `STALE_AGAIN` times.
 fn again_if_stale(
     relay: &str,
     attempt: impl Fn() -> Result<Response, AnnounceError>,
 ) -> Result<Response, AnnounceError> {
-    match attempt() {
-        Ok(Response::Error(e))
-            if e.code == ErrorCode::Forbidden && e.message.starts_with("not newer than") =>
-        {
-            debug!("relay {relay} took a request for a replay: sending it again");
-            attempt()
+    let mut outcome = attempt();
+    for _ in 0..STALE_AGAIN {
+        match &outcome {
+            Ok(Response::Error(e))
+                if e.code == ErrorCode::Forbidden && e.message.starts_with("not newer than") =>
+            {
+                debug!("relay {relay} took a request for a replay: sending it again");
+                std::thread::sleep(Duration::from_millis(fastrand::u64(1..=20)));
+                outcome = attempt();
+            }
+            _ => break,
         }
-        other => other,
     }
+    outcome
 }
 
 fn unexpected(response: Response) -> AnnounceError {

@@ -120,9 +120,20 @@ fn of_two_versions_the_one_most_peers_hold_is_taken() {
         .iter()
         .map(|d| Server::peer_here(relay.addr, d.path(), |_| {}))
         .collect();
-    eventually("both versions are indexed", || {
-        listed(relay.addr, &[]).len() == 2
-    });
+    // Both versions, and the first from both of its peers: a majority of
+    // one to one would be a coin toss.
+    eventually(
+        "both versions are indexed, the first from two peers",
+        || {
+            let out = client(relay.addr, &["ls"], "");
+            let text = stdout(&out);
+            let lines: Vec<Vec<&str>> = text
+                .lines()
+                .map(|l| l.split_whitespace().collect())
+                .collect();
+            lines.len() == 2 && lines.iter().any(|w| w.len() > 2 && w[..2] == ["12", "2"])
+        },
+    );
     for _ in 0..5 {
         let out = client(relay.addr, &["get", "notes.txt"], "");
         assert!(out.status.success(), "{}", stderr(&out));
