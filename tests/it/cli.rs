@@ -136,11 +136,8 @@ fn a_missing_folder_is_one_clear_line() {
 
 #[test]
 fn an_unreachable_relay_is_a_network_error() {
-    // A port that was free a moment ago: nothing listens there.
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let held = crate::harness::dead_port();
+    let free = held.addr;
     for args in [&["peers"][..], &["get", "x.txt"], &["stats"], &[]] {
         let out = client(free, args, "");
         assert_clean_failure(

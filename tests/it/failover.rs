@@ -16,17 +16,9 @@ use std::{
 };
 
 use crate::harness::{
-    bin, client, client_with, eventually, folder_with, live_peers, stat, stderr, stdout,
+    bin, client, client_with, dead_port, eventually, folder_with, live_peers, stat, stderr, stdout,
     wait_output, Server, STEP,
 };
-
-/// A port nothing listens on: one that was free a moment ago.
-fn dead_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// A relay that is there but never answers: its port takes connections
 /// (the kernel's accept queue) and nothing ever reads or replies.
@@ -154,7 +146,8 @@ fn one_relay_with_a_file() -> (Server, tempfile::TempDir, Server) {
 #[test]
 fn a_client_whose_first_relay_is_dead_gets_its_answer_from_the_next() {
     let (relay, _dir, _peer) = one_relay_with_a_file();
-    let dead = dead_port();
+    let held = dead_port();
+    let dead = held.addr;
     let out = get(&[dead, relay.addr], &[], "a.txt");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "a\n");
@@ -354,7 +347,8 @@ fn a_relay_in_trouble_is_passed_over_but_an_answer_about_the_request_is_taken() 
 
 #[test]
 fn when_every_relay_fails_the_error_names_each_and_it_is_a_network_error() {
-    let (dead, frozen) = (dead_port(), frozen_relay());
+    let (held, frozen) = (dead_port(), frozen_relay());
+    let dead = held.addr;
     let frozen_addr = frozen.local_addr().unwrap();
     let flags = relay_flags(&[dead, frozen_addr]);
     for command in [&["peers"][..], &["get", "x.txt"], &["ls"], &["stats"], &[]] {
@@ -389,7 +383,8 @@ fn relays_can_come_from_the_environment() {
     for relay in [a.addr, b.addr] {
         eventually("indexed by each", || stat(relay, "holdings") == 1);
     }
-    let list = format!("{},{}", dead_port(), b.addr);
+    let held = dead_port();
+    let list = format!("{},{}", held.addr, b.addr);
     let out = client_with(&["get", "a.txt"], &[("PEER_CLIENT_RELAYS", &list)], "");
     assert_eq!(stdout(&out), "a\n", "{}", stderr(&out));
     // A flag on the command line wins over the variable.

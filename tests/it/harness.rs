@@ -213,6 +213,26 @@ impl Drop for Server {
     }
 }
 
+/// A port nothing listens on, held for as long as the value lives: bound
+/// and never listening, so connections to it are refused and no other
+/// test's server can be given it meanwhile (a port merely free a moment
+/// ago could be).
+pub struct DeadPort {
+    _held: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+pub fn dead_port() -> DeadPort {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    DeadPort {
+        _held: socket,
+        addr,
+    }
+}
+
 /// Runs `peer-client` against `relay` with `args`, feeding it `stdin`.
 pub fn client(relay: SocketAddr, args: &[&str], stdin: &str) -> Output {
     let port = relay.port().to_string();
