@@ -441,6 +441,7 @@ fn sample<T>(items: &[T], k: usize) -> Vec<&T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::ports;
 
     fn addr(port: u16) -> PeerAddr {
         PeerAddr::new([127, 0, 0, 1].into(), port).unwrap()
@@ -473,23 +474,11 @@ mod tests {
         offer(&index, 1, &[holding("a", "x"), holding("b", "y")]).unwrap();
         offer(&index, 2, &[holding("a", "x")]).unwrap();
         offer(&index, 3, &[holding("a", "x")]).unwrap();
-        let mut ports: Vec<u16> = index
-            .who(&name("a"), 50)
-            .iter()
-            .map(|h| h.addr.port())
-            .collect();
-        ports.sort();
-        assert_eq!(ports, [1, 2, 3]);
+        assert_eq!(ports(&index.who(&name("a"), 50)), [1, 2, 3]);
         assert!(index.who(&name("a"), 50).iter().all(|h| h.holders == 3));
         // Removal in the middle keeps the others' positions right.
         index.remove(&addr(2));
-        let mut ports: Vec<u16> = index
-            .who(&name("a"), 50)
-            .iter()
-            .map(|h| h.addr.port())
-            .collect();
-        ports.sort();
-        assert_eq!(ports, [1, 3]);
+        assert_eq!(ports(&index.who(&name("a"), 50)), [1, 3]);
         index.remove(&addr(1));
         index.remove(&addr(3));
         assert!(index.who(&name("a"), 50).is_empty());

@@ -49,7 +49,8 @@ fn glob(pattern: &str) -> GlobMatcher {
         .compile_matcher()
 }
 
-fn ports(holders: &[protocol::index::Holder]) -> Vec<u16> {
+/// The ports of `holders`, sorted.
+pub(super) fn ports(holders: &[protocol::index::Holder]) -> Vec<u16> {
     let mut ports: Vec<u16> = holders.iter().map(|h| h.addr.port()).collect();
     ports.sort();
     ports
