@@ -9,24 +9,8 @@ cd "$(dirname "$0")/.."
 
 cargo build --release --quiet --bins
 bin=target/release
-work=$(mktemp -d "${TMPDIR:-/tmp}/relay-p2p-redis.XXXXXX")
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    echo "stopped; logs are in $work" >&2
-}
-trap cleanup EXIT
-
-# Each server prints the address it bound as its first line of stdout.
-first_line() {
-    for _ in $(seq 100); do
-        [ -s "$1" ] && { head -n 1 "$1"; return; }
-        sleep 0.05
-    done
-    echo "server did not start; see $work" >&2
-    exit 1
-}
+. contrib/servers.sh
+servers_in redis "stopped; logs are in"
 
 redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$work" \
